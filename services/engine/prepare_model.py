@@ -84,6 +84,8 @@ def prepare(out: Path, force: bool = False) -> bool:
         convert(gguf, tmp)
         if not is_prepared(tmp):
             raise PrepareError(f"conversion finished but {tmp} lacks one of {REQUIRED_FILES}")
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # safetensors writes the weights owner-only
         if out.exists():
             if is_prepared(out) and not force:
                 return False  # a concurrent run finished first
