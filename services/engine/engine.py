@@ -1,0 +1,257 @@
+"""`LLMEngine`: the engine loop of one worker — `add_request`, `step`, `abort`, `export_kv`, `import_kv`.
+
+    step():  schedule  ->  run (model or performance model)  ->  sample  ->  postprocess / stop
+
+The engine owns a `StepScheduler` (which owns the `KVCacheManager`) and a runner. `LLMEngine` runs the
+real model; `SimEngine` (sim_engine.py) swaps in a performance model and keeps everything else.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+
+import torch
+
+from services.common.block_keys import from_hex, to_hex
+from services.engine.config import EngineConfig, ModelConfig
+from services.engine.kv_cache_manager import KVCacheManager
+from services.engine.kv_transfer import KVLayout, KVPayload
+from services.engine.sampling import SamplingParams, sample
+from services.engine.sequence import FinishReason, Sequence
+from services.engine.step_scheduler import SchedulerConfig, SchedulerOutput, StepScheduler
+from services.engine.stopping import check_stop
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """What one step produced for one request (its new token), and whether it has ended."""
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finished: bool = False
+    finish_reason: str | None = None          # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+class BaseEngine:
+    """Everything but the arithmetic: requests, scheduling, stopping, KV export/import."""
+
+    def __init__(self, *, layout: KVLayout, num_blocks: int, max_model_len: int, vocab_size: int,
+                 eos_token_ids: tuple[int, ...], config: EngineConfig) -> None:
+        self.layout = layout
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = StepScheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+                                       self.kv)
+        self.seqs: dict[str, Sequence] = {}
+        self._staged: dict[str, list[int]] = {}       # request id -> blocks of an import in progress
+        self._arrivals = count()
+        self._random = random.Random(config.seed)
+        self.num_preemptions = 0
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self._validate(request_id, list(prompt_token_ids), params)
+        seed = params.seed if params.seed is not None else self._random.getrandbits(63)
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, seed,
+                       self.layout.block_size, arrival=next(self._arrivals))
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if request_id in self.seqs or request_id in self._staged:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt:
+            raise ValueError("the prompt is empty: send at least one token")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"model's context of {self.max_model_len} tokens; shorten one of them")
+        blocks = -(-(len(prompt) + params.max_tokens) // self.layout.block_size)
+        if blocks > self.kv.pool.num_blocks:
+            raise ValueError(f"the request needs {blocks} KV blocks but this worker has "
+                             f"{self.kv.pool.num_blocks}; lower max_tokens")
+
+    def abort(self, request_id: str) -> bool:
+        """End a request and free its blocks (also an import in progress). False if unknown."""
+        staged = self._staged.pop(request_id, None)
+        if staged is not None:
+            self.kv.pool.free(reversed(staged))
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return staged is not None
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion (offline use, tests and benchmarks); output token ids per prompt."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        base = next(self._arrivals)
+        ids = [f"generate-{base}-{i}" for i in range(len(prompts))]
+        outputs: dict[str, list[int]] = {rid: [] for rid in ids}
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        while any(rid in self.seqs for rid in ids):
+            for out in self.step():
+                if out.request_id in outputs:
+                    outputs[out.request_id].extend(out.new_token_ids)
+        return [outputs[rid] for rid in ids]
+
+    # ---- the loop -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        self.num_preemptions += len(scheduled.preempted)
+        if scheduled.is_empty:
+            return []
+        token_ids = self.execute(scheduled)
+        self.scheduler.postprocess(scheduled, token_ids)
+        return [self._after_sample(c.seq) for c in scheduled.chunks if c.samples]
+
+    def execute(self, scheduled: SchedulerOutput) -> list[int]:
+        """One token for each chunk that samples, in order."""
+        raise NotImplementedError
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def _after_sample(self, seq: Sequence) -> RequestOutput:
+        stop = check_stop(seq, self.eos_token_ids, self.max_model_len,
+                          self.detokenize if seq.params.stop else None)
+        if stop is not None:
+            self.scheduler.finish(seq, *stop)
+            del self.seqs[seq.request_id]
+        return RequestOutput(seq.request_id, (seq.token_ids[-1],), seq.is_finished,
+                             seq.finish_reason.value if seq.finish_reason else None, seq.stop_reason,
+                             seq.num_prompt_tokens, seq.num_output_tokens)
+
+    # ---- KV export / import ---------------------------------------------------------------
+    def export_kv(self, request_id: str, blocks: slice | None = None) -> KVPayload:
+        """A request's state and the KV of `blocks` (a range of its block table; default: all)."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            raise KeyError(f"unknown request {request_id!r}")
+        with_kv = seq.blocks_needed(seq.num_computed_tokens)
+        chosen = range(with_kv)[blocks or slice(None)]
+        if chosen.step != 1:
+            raise ValueError("export a contiguous block range (step 1)")
+        block_ids = seq.block_ids[chosen.start:chosen.stop]
+        num_full = min(chosen.stop, seq.num_computed_tokens // self.layout.block_size)
+        return KVPayload(
+            layout=self.layout, request_id=request_id, token_ids=tuple(seq.token_ids),
+            num_prompt_tokens=seq.num_prompt_tokens, num_computed_tokens=seq.num_computed_tokens,
+            params=seq.params, seed=seq.seed, first_block=chosen.start, num_blocks=len(block_ids),
+            block_keys=tuple(to_hex(seq.block_keys[chosen.start:num_full])),
+            data=self.read_block_bytes(block_ids))
+
+    def import_kv(self, payload: KVPayload) -> bool:
+        """Take a payload's blocks; when it is the final one, the request resumes here. Returns that."""
+        payload.layout.check(self.layout)
+        rid = payload.request_id
+        if rid in self.seqs:
+            raise ValueError(f"request id {rid!r} is already running here")
+        staged = self._staged.setdefault(rid, [])
+        if payload.first_block != len(staged):
+            raise ValueError(f"{rid}: blocks arrive out of order: have {len(staged)}, payload starts at "
+                             f"{payload.first_block}")
+        if any(not 0 <= t < self.vocab_size for t in payload.token_ids):
+            raise ValueError(f"{rid}: token ids outside the vocabulary [0, {self.vocab_size})")
+        staged.extend(self._take_blocks(payload))
+        if not payload.is_final:
+            return False
+        del self._staged[rid]
+        seq = Sequence(rid, list(payload.token_ids), payload.num_prompt_tokens, payload.params,
+                       payload.seed, self.layout.block_size, arrival=next(self._arrivals),
+                       num_computed_tokens=payload.num_computed_tokens, block_ids=staged)
+        self.kv.cache_full_blocks(seq)
+        self.seqs[rid] = seq
+        self.scheduler.add_running(seq)
+        return True
+
+    def _take_blocks(self, payload: KVPayload) -> list[int]:
+        """Blocks for the payload: prefix-cache hits by key are shared, the rest allocated and written."""
+        pool = self.kv.pool
+        keys = from_hex(payload.block_keys)
+        hits = [pool.cached.get(k) for k in keys] + [None] * (payload.num_blocks - len(keys))
+        num_new = sum(1 for h in hits if h is None)
+        num_revived = sum(1 for h in hits if h is not None and pool.ref_counts[h] == 0)
+        if num_new + num_revived > pool.num_free:
+            raise MemoryError(f"{payload.request_id}: {num_new + num_revived} free KV blocks needed, "
+                              f"{pool.num_free} available")
+        pool.touch(h for h in hits if h is not None)
+        fresh = iter(pool.allocate(num_new))
+        block_ids = [h if h is not None else next(fresh) for h in hits]
+        write = [i for i, h in enumerate(hits) if h is None]
+        if write:
+            data = payload.blocks()
+            self.write_block_tensor([block_ids[i] for i in write], data[write])
+        return block_ids
+
+    def read_block_bytes(self, block_ids: list[int]) -> bytes:
+        raise NotImplementedError
+
+    def write_block_tensor(self, block_ids: list[int], data: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @property
+    def stats(self) -> dict[str, int]:
+        pool = self.kv.pool
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "num_blocks": pool.num_blocks, "num_free_blocks": pool.num_free,
+                "num_cached_blocks": len(pool.cached), "num_preemptions": self.num_preemptions}
+
+
+class LLMEngine(BaseEngine):
+    """The real engine: a Llama-family model over the paged KV cache, on CPU or CUDA."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from services.engine.model_runner import ModelRunner
+
+        config.validate()
+        model_config = ModelConfig.from_folder(config.model)
+        limits = [model_config.max_position_embeddings, config.max_model_len or 8192,
+                  model_config.sliding_window or 1 << 30]
+        max_model_len = min(limits)
+        self.runner = ModelRunner(config, model_config, max_model_len)
+        layout = KVLayout(config.model_id or Path(config.model).name, config.dtype, config.block_size,
+                          model_config.num_layers, model_config.num_kv_heads, model_config.head_dim)
+        super().__init__(layout=layout, num_blocks=self.runner.num_blocks, max_model_len=max_model_len,
+                         vocab_size=model_config.vocab_size, eos_token_ids=model_config.eos_token_ids,
+                         config=config)
+        self.model_config = model_config
+        self.tokenizer = _load_tokenizer(config.model)
+
+    def execute(self, scheduled: SchedulerOutput) -> list[int]:
+        logits = self.runner.run(scheduled)
+        seqs = [c.seq for c in scheduled.chunks if c.samples]
+        return sample(logits, [s.params for s in seqs], [s.seed for s in seqs],
+                      [s.num_output_tokens for s in seqs])
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            raise RuntimeError("this model folder has no tokenizer, so stop strings cannot be checked")
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def read_block_bytes(self, block_ids: list[int]) -> bytes:
+        if not block_ids:
+            return b""
+        return self.runner.read_blocks(block_ids).view(torch.uint8).numpy().tobytes()
+
+    def write_block_tensor(self, block_ids: list[int], data: torch.Tensor) -> None:
+        self.runner.write_blocks(block_ids, data)
+
+
+def _load_tokenizer(folder: str):
+    if not (Path(folder) / "tokenizer.json").is_file() and not (Path(folder) / "tokenizer.model").is_file():
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(folder)
