@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run:
-	$(PY) -m services.cli generate --model $(MODEL_DIR) "The capital of France is"
+	$(PY) -m services.cli generate --model $(MODEL_DIR) "What is the capital of France?"
 
 test:
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -91,10 +91,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
                       chunk: PrefillChunk, scale: float) -> torch.Tensor:
     """Causal attention for one chunk; a chunk after cached tokens reads them from its blocks."""
     if chunk.start_pos == 0:
+        if q.is_cuda:   # the flash kernel wants equal head counts; repeating K/V is cheap next to it
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             is_causal=True, scale=scale, enable_gqa=True)
+                                             is_causal=True, scale=scale, enable_gqa=not q.is_cuda)
         return out.transpose(0, 1)
-    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
     n = chunk.context_len
     keys = kv_cache[0][chunk.block_table].view(-1, num_kv_heads, head_dim)[:n].transpose(0, 1)
     values = kv_cache[1][chunk.block_table].view(-1, num_kv_heads, head_dim)[:n].transpose(0, 1)

@@ -101,7 +101,7 @@ class EngineConfig:
     dtype: str = "float32"
     block_size: int = 16
     num_blocks: int | None = None               # None: from kv_cache_memory_gb (CPU) or free GPU memory
-    kv_cache_memory_gb: float = 1.0             # CPU KV budget when num_blocks is None
+    kv_cache_memory_gb: float = 0.5             # CPU KV budget when num_blocks is None
     gpu_memory_utilization: float = 0.85        # share of total GPU memory for weights + KV
     max_model_len: int | None = None            # None: the model's max_position_embeddings (capped)
     max_num_seqs: int = 64                      # running requests in one batch

@@ -39,7 +39,7 @@ def load_weights(model: LlamaModel, folder: str | Path) -> None:
     loaded: set[str] = set()
     for path in safetensors_files(Path(folder)):
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 target, shard = _target(name)
                 if target not in params:
                     if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and

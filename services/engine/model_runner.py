@@ -38,7 +38,7 @@ class ModelRunner:
     # ---- building -------------------------------------------------------------------------
     def _build_model(self) -> LlamaModel:
         with torch.device("meta"):
-            model = LlamaModel(self.model_config, 1)
+            model = LlamaModel(self.model_config)
         model = model.to(self.dtype).to_empty(device=self.device)
         model.rope = RotaryEmbedding(self.model_config, self.max_model_len).to(self.device)
         if self.model_config.tie_word_embeddings:
@@ -97,9 +97,7 @@ class ModelRunner:
             return None, None
         seqs = [c.seq for c in step.chunks[:num_decodes]]
         width = width or max(len(s.block_ids) for s in seqs)
-        tables = torch.zeros(num_decodes, width, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            tables[i, :len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
+        tables = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs], dtype=torch.int32)
         lens = torch.tensor([c.start + 1 for c in step.chunks[:num_decodes]], dtype=torch.int32)
         return self._to_device(tables), self._to_device(lens)
 

@@ -1,0 +1,108 @@
+"""`SimEngine`: the engine with a performance model in place of the model.
+
+Everything but the arithmetic is the real engine's (scheduler, block pool, prefix cache, stopping,
+KV export/import); `execute` advances a virtual clock by a roofline estimate of the step and emits
+deterministic placeholder tokens (a function of the request's seed and position, so a request that
+moves between engines continues the same sequence). Scale tests and the simulator use it.
+
+    step seconds = overhead + max(compute, memory)
+    compute      = (2 * params * tokens + 4 * layers * hidden * sum(context of each token)) / flops
+    memory       = (weight_bytes + kv_bytes_per_token * sum(context read)) / memory_bandwidth
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import yaml
+
+from services.engine.config import EngineConfig
+from services.engine.engine import BaseEngine
+from services.engine.kv_transfer import KVLayout
+from services.engine.sampling import step_seed
+from services.engine.step_scheduler import SchedulerOutput
+
+PROFILES = Path(__file__).parent / "profiles"
+
+
+@dataclass(frozen=True, slots=True)
+class SimProfile:
+    """Performance parameters of one model on one GPU type (YAML; `ferry profile` writes them)."""
+    name: str
+    num_params: float
+    num_layers: int
+    hidden_size: int
+    kv_bytes_per_token: int
+    flops: float                        # effective FLOP/s of prefill-sized matrix products
+    memory_bandwidth: float             # effective bytes/s of decode-sized reads
+    step_overhead_s: float = 0.0
+    weight_bytes: float = 0.0           # 0: 2 bytes a parameter (bf16)
+    vocab_size: int = 32000
+    max_model_len: int = 8192
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> SimProfile:
+        path = Path(name_or_path)
+        if not path.is_file():
+            path = PROFILES / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+            raise FileNotFoundError(f"no sim profile {name_or_path!r}; give a YAML path or one of: {known}")
+        data = yaml.safe_load(path.read_text())
+        allowed = {f.name for f in fields(cls)}
+        unknown = set(data) - allowed
+        if unknown:
+            raise ValueError(f"{path}: unknown profile fields {sorted(unknown)}; allowed: {sorted(allowed)}")
+        types = {"float": float, "int": int, "str": str}
+        return cls(**{f.name: types[f.type](data[f.name]) for f in fields(cls) if f.name in data})
+
+    def step_seconds(self, step: SchedulerOutput) -> float:
+        tokens = step.num_tokens
+        context_read = sum(c.start + c.num_tokens for c in step.chunks)
+        # Every new token attends on average to half of its chunk plus the cached tokens before it.
+        attended = sum(c.num_tokens * (c.start + (c.num_tokens + 1) / 2) for c in step.chunks)
+        compute = (2 * self.num_params * tokens + 4 * self.num_layers * self.hidden_size * attended) / self.flops
+        weights = self.weight_bytes or 2 * self.num_params
+        memory = (weights + self.kv_bytes_per_token * context_read) / self.memory_bandwidth
+        return self.step_overhead_s + max(compute, memory)
+
+
+# The sim's own KV is tiny but real, so export/import move actual bytes through the same code.
+SIM_LAYOUT = {"dtype": "float32", "num_layers": 1, "num_kv_heads": 1, "head_dim": 4}
+
+
+class SimEngine(BaseEngine):
+    def __init__(self, config: EngineConfig, profile: SimProfile, num_blocks: int | None = None) -> None:
+        config.validate()
+        self.profile = profile
+        self.clock = 0.0                   # virtual seconds since start
+        self.last_step_seconds = 0.0
+        num_blocks = num_blocks or config.num_blocks or 4096
+        layout = KVLayout(model_id=f"sim:{profile.name}", block_size=config.block_size, **SIM_LAYOUT)
+        max_model_len = min(profile.max_model_len, config.max_model_len or profile.max_model_len)
+        super().__init__(layout=layout, num_blocks=num_blocks, max_model_len=max_model_len,
+                         vocab_size=profile.vocab_size, eos_token_ids=(), config=config)
+        self.kv_blocks = torch.zeros(num_blocks, *layout.block_shape)
+
+    def execute(self, scheduled: SchedulerOutput) -> list[int]:
+        self.last_step_seconds = self.profile.step_seconds(scheduled)
+        self.clock += self.last_step_seconds
+        for chunk in scheduled.chunks:     # stand-in KV: each slot holds its token's position
+            seq = chunk.seq
+            for pos in range(chunk.start, chunk.start + chunk.num_tokens):
+                self.kv_blocks[seq.block_ids[pos // self.layout.block_size], ..., pos % self.layout.block_size, :, :] = pos
+        return [self.placeholder_token(c.seq.seed, c.seq.num_output_tokens)
+                for c in scheduled.chunks if c.samples]
+
+    def placeholder_token(self, seed: int, index: int) -> int:
+        return step_seed(seed, index) % self.vocab_size
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return " ".join(f"t{t}" for t in token_ids)
+
+    def read_block_bytes(self, block_ids: list[int]) -> bytes:
+        return self.kv_blocks[block_ids].numpy().tobytes() if block_ids else b""
+
+    def write_block_tensor(self, block_ids: list[int], data: torch.Tensor) -> None:
+        self.kv_blocks[block_ids] = data.to(self.kv_blocks.dtype)
