@@ -9,6 +9,7 @@ import torch
 
 from services.engine.attention import AttentionMetadata, PrefillChunk
 from services.engine.config import EngineConfig, ModelConfig
+from services.engine.cpu_linear import can_pack, pack_linears
 from services.engine.loader import init_dummy_weights, load_weights
 from services.engine.model import LlamaModel, RotaryEmbedding
 from services.engine.step_scheduler import SchedulerOutput
@@ -47,6 +48,8 @@ class ModelRunner:
             init_dummy_weights(model, self.config.seed)
         else:
             load_weights(model, self.config.model)
+        if self.device.type == "cpu" and can_pack():
+            pack_linears(model)
         return model.eval()
 
     def _blocks_that_fit(self) -> int:
