@@ -50,8 +50,8 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] for the batch's new tokens; one layer's cache [2, N, bs, Hkv, D]."""
-    write_kv(kv_cache, k, v, meta.slot_mapping)
+    """q [T, Hq, D], k/v [T, Hkv, D] for the batch's new tokens, already written to one layer's cache
+    [2, N, bs, Hkv, D] (by `write_kv`, or fused into RoPE on CUDA)."""
     if not meta.prefills:
         return decode_attention(q, kv_cache, meta, scale)
     out = torch.empty_like(q)
@@ -94,9 +94,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
         if q.is_cuda:   # the flash kernel wants equal head counts; repeating K/V is cheap next to it
             group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             is_causal=True, scale=scale, enable_gqa=not q.is_cuda)
-        return out.transpose(0, 1)
+        # 4-D [1, heads, tokens, dim]: the flash kernels take nothing else.
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=not q.is_cuda)
+        return out[0].transpose(0, 1)
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     n = chunk.context_len
     keys = kv_cache[0][chunk.block_table].view(-1, num_kv_heads, head_dim)[:n].transpose(0, 1)

@@ -11,8 +11,13 @@ import math
 import torch
 from torch import nn
 
-from services.engine.attention import AttentionMetadata, paged_attention
+from services.engine.attention import AttentionMetadata, paged_attention, write_kv
 from services.engine.config import ModelConfig
+
+try:  # fused CUDA kernels; absent on CPU-only installs, where the torch code below runs
+    from services.engine import triton_ops
+except ImportError:
+    triton_ops = None
 
 
 class RMSNorm(nn.Module):
@@ -21,10 +26,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); or, given the residual stream, (norm(x + residual), x + residual)."""
+        if x.is_cuda and triton_ops is not None:
+            out = triton_ops.add_rms_norm(x, residual, self.weight, self.eps)   # residual updated in place
+            return out if residual is None else (out, residual)
+        if residual is not None:
+            x = residual = x + residual
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        out = self.weight * x32.to(x.dtype)
+        return out if residual is None else (out, residual)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -82,7 +94,11 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        if x.is_cuda and triton_ops is not None:
+            triton_ops.rope_write_kv(q, k, v, positions, rope.cos, rope.sin, kv_cache, meta.slot_mapping)
+        else:
+            q, k = rope(positions, q, k)
+            write_kv(kv_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -94,7 +110,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if x.is_cuda and triton_ops is not None:
+            return self.down_proj(triton_ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)
 
 
@@ -106,9 +125,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rope, kv_cache, meta):
+        """(mlp output, residual stream); the next layer's norm adds them (fused on CUDA)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rope, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class Embedding(nn.Module):
@@ -137,10 +162,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm; `kv_cache` is [layers, 2, blocks, ...]."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rope, kv_cache[i], meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rope, kv_cache[i], meta)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -33,6 +33,8 @@ class ModelRunner:
             model_config.num_layers, 2, self.num_blocks + 1, self.block_size,
             model_config.num_kv_heads, model_config.head_dim, dtype=self.dtype, device=self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.device.type == "cuda":
+            self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         if self.device.type == "cuda" and config.cuda_graphs:
             self._capture_graphs()
 
@@ -111,7 +113,7 @@ class ModelRunner:
         """Enough (request, KV head, split) programs to fill the GPU twice over; 1 on the CPU."""
         if self.device.type != "cuda" or batch == 0:
             return 1
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        sms = self.num_sms
         programs = batch * self.model_config.num_kv_heads
         return max(1, min(16, -(-2 * sms // programs)))
 

@@ -22,7 +22,8 @@ import triton.language as tl
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, acc_ptr, ml_ptr, scale,
                          stride_q_t, stride_q_h, stride_kv_b, stride_kv_s, stride_kv_h, stride_tab,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         PRECISION: tl.constexpr):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -47,13 +48,13 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, acc_ptr, ml_
         row = block.to(tl.int64) * stride_kv_b + (tok % BLOCK_SIZE) * stride_kv_s + kv_head * stride_kv_h
         k = tl.load(k_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
     out_row = (req * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split
@@ -94,7 +95,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, TILE=64, NUM_SPLITS=num_splits, num_warps=4, num_stages=2)
+        BLOCK_SIZE=block_size, TILE=64, NUM_SPLITS=num_splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
     out = torch.empty_like(q)
     _merge_splits_kernel[(batch, num_heads)](acc, ml, out, out.stride(0), out.stride(1), num_heads,
                                              HEAD_DIM=head_dim, NUM_SPLITS=num_splits)
