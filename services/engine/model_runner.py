@@ -123,12 +123,12 @@ class ModelRunner:
         sizes = [b for b in GRAPH_BATCH_SIZES if b < max_batch] + [max_batch]
         width = -(-self.max_model_len // self.block_size)
         dev = self.device
-        self.g_ids = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.g_pos = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((max_batch,), self.scratch_block * self.block_size, dtype=torch.long,
-                                  device=dev)
+        # Static inputs the graphs read: rows ids | positions | slots | context lens, and block tables.
+        self.g_inputs = torch.zeros(4, max_batch, dtype=torch.long, device=dev)
+        self.g_ids, self.g_pos, self.g_slots, self.g_lens = self.g_inputs
+        self.g_slots.fill_(self.scratch_block * self.block_size)
+        self.g_lens.fill_(1)
         self.g_tables = torch.full((max_batch, width), self.scratch_block, dtype=torch.int32, device=dev)
-        self.g_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
         pool = None
         for batch in reversed(sizes):
             meta = AttentionMetadata(slot_mapping=self.g_slots[:batch], num_decodes=batch,
@@ -152,19 +152,20 @@ class ModelRunner:
     def _replay(self, step: SchedulerOutput) -> torch.Tensor:
         n = len(step.chunks)
         batch = min(b for b in self.graphs if b >= n)
-        positions = [c.start for c in step.chunks]
-        slots = [c.seq.block_ids[p // self.block_size] * self.block_size + p % self.block_size
-                 for c, p in zip(step.chunks, positions)]
-        tables, lens = self._decode_tables(step, n)
-        self.g_ids[:n].copy_(torch.tensor([c.seq.token_ids[c.start] for c in step.chunks]), non_blocking=True)
-        self.g_pos[:n].copy_(torch.tensor(positions), non_blocking=True)
-        self.g_slots[:n].copy_(torch.tensor(slots), non_blocking=True)
-        self.g_tables[:n, :tables.shape[1]].copy_(tables)
-        self.g_lens[:n].copy_(lens)
-        # Rows n..batch keep pointing at the scratch block from capture time.
-        self.g_slots[n:batch].fill_(self.scratch_block * self.block_size)
-        self.g_tables[n:batch, 0].fill_(self.scratch_block)
-        self.g_lens[n:batch].fill_(1)
+        pad, bs, scratch = batch - n, self.block_size, self.scratch_block
+        ids, pos, slots = [], [], []
+        for c in step.chunks:
+            ids.append(c.seq.token_ids[c.start])
+            pos.append(c.start)
+            slots.append(c.seq.block_ids[c.start // bs] * bs + c.start % bs)
+        lens = [p + 1 for p in pos]
+        # Padding rows attend to one token of the scratch block and write there: harmless.
+        rows = [ids + [0] * pad, pos + [0] * pad, slots + [scratch * bs] * pad, lens + [1] * pad]
+        self.g_inputs[:, :batch].copy_(torch.tensor(rows), non_blocking=True)
+        width = max(len(c.seq.block_ids) for c in step.chunks)
+        tables = [c.seq.block_ids + [scratch] * (width - len(c.seq.block_ids)) for c in step.chunks]
+        tables += [[scratch] * width] * pad
+        self.g_tables[:batch, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
         graph, logits = self.graphs[batch]
         graph.replay()
         return logits[:n]
