@@ -25,9 +25,9 @@ def make_tiny_model(folder: Path, model_type: str = "llama", **overrides) -> Pat
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    params = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+    params = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                  "tie_word_embeddings": True, "eos_token_id": 2, "bos_token_id": 1}
     params.update(overrides)
     config = AutoConfig.for_model(model_type, **params)
     torch.manual_seed(0)

@@ -75,10 +75,15 @@ class BlockPool:
             self.ref_counts[block_id] += 1
 
     def free(self, block_ids: Iterable[int]) -> None:
-        """Drop one reference on each block; at zero it joins the free queue as most recently used."""
+        """Drop one reference on each block; at zero it joins the free queue as most recently used.
+        All or nothing: a block freed more often than taken raises before anything changes."""
+        block_ids = list(block_ids)
+        counts: dict[int, int] = {}
         for block_id in block_ids:
-            if self.ref_counts[block_id] <= 0:
+            counts[block_id] = counts.get(block_id, 0) + 1
+            if counts[block_id] > self.ref_counts[block_id]:
                 raise ValueError(f"block {block_id} freed more often than taken")
+        for block_id in block_ids:
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
                 self._free[block_id] = None

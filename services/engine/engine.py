@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from services.common.block_keys import from_hex, to_hex
+from services.engine.block_pool import OutOfBlocks
 from services.engine.config import EngineConfig, ModelConfig
 from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.kv_transfer import KVLayout, KVPayload
@@ -159,16 +160,17 @@ class BaseEngine:
         rid = payload.request_id
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already running here")
-        staged = self._staged.setdefault(rid, [])
+        staged = self._staged.get(rid, [])
         if payload.first_block != len(staged):
             raise ValueError(f"{rid}: blocks arrive out of order: have {len(staged)}, payload starts at "
                              f"{payload.first_block}")
         if any(not 0 <= t < self.vocab_size for t in payload.token_ids):
             raise ValueError(f"{rid}: token ids outside the vocabulary [0, {self.vocab_size})")
-        staged.extend(self._take_blocks(payload))
+        staged = staged + self._take_blocks(payload)
         if not payload.is_final:
+            self._staged[rid] = staged
             return False
-        del self._staged[rid]
+        self._staged.pop(rid, None)
         seq = Sequence(rid, list(payload.token_ids), payload.num_prompt_tokens, payload.params,
                        payload.seed, self.layout.block_size, arrival=next(self._arrivals),
                        num_computed_tokens=payload.num_computed_tokens, block_ids=staged)
@@ -185,7 +187,7 @@ class BaseEngine:
         num_new = sum(1 for h in hits if h is None)
         num_revived = sum(1 for h in hits if h is not None and pool.ref_counts[h] == 0)
         if num_new + num_revived > pool.num_free:
-            raise MemoryError(f"{payload.request_id}: {num_new + num_revived} free KV blocks needed, "
+            raise OutOfBlocks(f"{payload.request_id}: {num_new + num_revived} free KV blocks needed, "
                               f"{pool.num_free} available")
         pool.touch(h for h in hits if h is not None)
         fresh = iter(pool.allocate(num_new))

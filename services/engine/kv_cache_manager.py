@@ -50,7 +50,7 @@ class KVCacheManager:
         self.pool.touch(hits)
         seq.block_ids.extend(hits)
         seq.num_computed_tokens += len(hits) * self.block_size
-        seq.num_cached_blocks = len(seq.block_ids)
+        seq.num_cached_blocks += len(hits)
         num_new_blocks = seq.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
         if num_new_blocks > 0:
             seq.block_ids.extend(self.pool.allocate(num_new_blocks))

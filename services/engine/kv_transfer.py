@@ -75,8 +75,9 @@ class KVPayload:
         if len(self.data) != expected:
             raise ValueError(f"KV payload for {self.request_id} is {'truncated' if len(self.data) < expected else 'too long'}: "
                              f"{self.num_blocks} blocks need {expected} bytes, got {len(self.data)}")
-        if not 0 <= self.num_computed_tokens <= len(self.token_ids):
-            raise ValueError(f"num_computed_tokens {self.num_computed_tokens} is outside 0..{len(self.token_ids)}")
+        if not 0 <= self.num_computed_tokens < len(self.token_ids):
+            raise ValueError(f"num_computed_tokens {self.num_computed_tokens} is outside 0..{len(self.token_ids) - 1} "
+                             "(the newest token's KV is computed by the next step)")
         if not 0 < self.num_prompt_tokens <= len(self.token_ids):
             raise ValueError(f"num_prompt_tokens {self.num_prompt_tokens} is outside 1..{len(self.token_ids)}")
         blocks_with_kv = -(-self.num_computed_tokens // self.layout.block_size)

@@ -46,7 +46,7 @@ def load_weights(model: LlamaModel, folder: str | Path) -> None:
                                                                 model.config.tie_word_embeddings):
                         continue
                     raise ValueError(f"{path.name}: unexpected tensor {name!r}")
-                _copy_into(params[target], f.get_tensor(name), shard, model)
+                _copy_into(params[target], f.get_tensor(name), shard, model, target)
                 loaded.add(target)
     missing = set(params) - loaded - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
     if missing:
@@ -72,7 +72,8 @@ def _target(hf_name: str) -> tuple[str, int | None]:
     return name, None
 
 
-def _copy_into(param: torch.Tensor, tensor: torch.Tensor, shard: int | None, model: LlamaModel) -> None:
+def _copy_into(param: torch.Tensor, tensor: torch.Tensor, shard: int | None, model: LlamaModel,
+               target: str) -> None:
     with torch.no_grad():
         if shard is None:
             if param.shape != tensor.shape:
@@ -80,7 +81,7 @@ def _copy_into(param: torch.Tensor, tensor: torch.Tensor, shard: int | None, mod
             param.copy_(tensor)
             return
         cfg = model.config
-        if param.shape[0] == 2 * cfg.intermediate_size:          # gate|up
+        if ".gate_up_proj." in target:
             sizes = [cfg.intermediate_size] * 2
         else:                                                    # q|k|v
             sizes = [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2

@@ -82,7 +82,7 @@ def _mask_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> tor
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
     drop = ranks >= top_k.unsqueeze(1)
-    sorted_probs = sorted_logits.softmax(dim=-1)
+    sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)   # renormalised after top-k
     # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does.
     drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p.unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))

@@ -19,8 +19,8 @@ def check_stop(seq: Sequence, eos_token_ids: tuple[int, ...], max_model_len: int
         return FinishReason.STOP, last
     if p.stop and detokenize is not None:
         # A stop string ends within the newest token's text; a tail of tokens as long as the
-        # longest stop string (each token is at least one character) is enough to see it.
-        window = max(len(s) for s in p.stop) + 1
+        # longest stop string in UTF-8 bytes (each token is at least one byte) is enough to see it.
+        window = max(len(s.encode()) for s in p.stop) + 1
         tail = detokenize(seq.output_token_ids[-window:])
         for s in p.stop:
             if s in tail:

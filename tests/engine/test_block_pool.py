@@ -321,10 +321,6 @@ def test_free_releases_the_tail_before_the_prefix():
     assert kv.pool.allocate(3) == [tail, middle, head]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: KVCacheManager.allocate resets num_cached_blocks to len(block_ids), so "
-                          "a block that fills up after its first allocate (during decode, or across a "
-                          "prefill chunk boundary) is never cached")
 @pytest.mark.parametrize("chunks", [[6, 1, 1], [6, 6], [3, 3, 3, 3]],
                          ids=["decode", "two-chunks", "four-chunks"])
 def test_every_block_that_becomes_full_is_published_to_the_prefix_cache(chunks):

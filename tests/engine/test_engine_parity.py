@@ -18,8 +18,8 @@ GREEDY = SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True)
 CHATS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
-    "Explain in two sentences why the sky is blue, then give one everyday example of the same "
-    "effect that a child would recognise, and finish with a short question for the reader.",
+    ("Explain in two sentences why the sky is blue, then give one everyday example of the same "
+    "effect that a child would recognise, and finish with a short question for the reader."),
 ]
 RAW = ["The capital of France is", "def fibonacci(n):\n    "]
 

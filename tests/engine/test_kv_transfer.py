@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from services.engine.block_pool import OutOfBlocks
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.kv_transfer import KVLayoutMismatch, KVPayload
@@ -47,6 +48,7 @@ TEXTS = {
 RESUME_IN_FRESH_PROCESS = """
 import json, sys
 from pathlib import Path
+from services.engine.block_pool import OutOfBlocks
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.kv_transfer import KVPayload
@@ -237,7 +239,7 @@ def reject_token_outside_vocab(engine: LLMEngine, payload: KVPayload) -> tuple[K
 
 
 REJECTIONS = {
-    "not enough free blocks": (reject_for_lack_of_blocks, MemoryError, "free KV blocks needed"),
+    "not enough free blocks": (reject_for_lack_of_blocks, OutOfBlocks, "free KV blocks needed"),
     "blocks out of order": (reject_out_of_order, ValueError, "out of order"),
     "token outside the vocabulary": (reject_token_outside_vocab, ValueError, "outside the vocabulary"),
 }
@@ -258,9 +260,6 @@ def test_kv_rejected_import_leaves_the_pool_unchanged_and_a_later_import_works(e
     engine_b.abort(kv_payload.request_id)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="bug: import_kv registers the request in _staged before validating the payload, so "
-                          "after a rejected first stage its id stays taken ('already in use')")
 @pytest.mark.parametrize("make_rejected, error, message", REJECTIONS.values(), ids=REJECTIONS)
 def test_kv_rejected_import_leaves_the_request_id_free(engine_b, kv_payload, prompts, make_rejected, error,
                                                       message):

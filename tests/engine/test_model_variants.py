@@ -182,10 +182,6 @@ def test_unsupported_config_raises_value_error_naming_the_field(tiny_llama, tmp_
         LLMEngine(EngineConfig(model=str(folder), num_blocks=8))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="bug: the loader tells gate|up from q|k|v by shape, so a model whose q+k+v "
-                          "rows equal 2 * intermediate_size copies q/k/v into gate/up-sized slices and "
-                          "fails to load")
 def test_qkv_the_same_size_as_gate_up_loads_correctly(tmp_path, prompts):
     # hidden 64, 4 heads, 4 KV heads: q|k|v has 192 rows, and so has gate|up with intermediate 96.
     folder = make_tiny_model(tmp_path / "model", "llama", num_key_value_heads=4, intermediate_size=96,
