@@ -7,6 +7,7 @@ fused (q|k|v and gate|up) so a layer is four matrix products.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,9 +34,12 @@ class RMSNorm(nn.Module):
             return out if residual is None else (out, residual)
         if residual is not None:
             x = residual = x + residual
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * x32.to(x.dtype)
+        if x.dtype == torch.float32:    # one fused op; HF's formula below is the same in float32
+            out = nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        else:
+            x32 = x.float()
+            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+            out = self.weight * x32.to(x.dtype)
         return out if residual is None else (out, residual)
 
 
@@ -67,15 +71,29 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)       # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> Rotation:
+        """This step's rotation, gathered once for all layers."""
+        if positions.is_cuda:       # the fused CUDA kernel reads the tables itself
+            return Rotation(positions, self.cos, self.sin)
+        cos = self.cos[positions].unsqueeze(1).to(dtype)         # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1).to(dtype)
+        half = sin.shape[-1] // 2
+        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): one cat instead of four ops
+        return Rotation(positions, self.cos, self.sin, cos, torch.cat((-sin[..., :half], sin[..., half:]), -1))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    positions: torch.Tensor
+    cos_table: torch.Tensor               # [max_positions, D] float32
+    sin_table: torch.Tensor
+    cos: torch.Tensor | None = None       # [T, 1, D] in the model dtype (CPU path)
+    signed_sin: torch.Tensor | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """HF's x * cos + rotate_half(x) * sin, for x [T, heads, D]."""
+        half = x.shape[-1] // 2
+        return x * self.cos + torch.cat((x[..., half:], x[..., :half]), -1) * self.signed_sin
 
 
 class Attention(nn.Module):
@@ -88,16 +106,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
+    def forward(self, x: torch.Tensor, rot: Rotation, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if x.is_cuda and triton_ops is not None:
-            triton_ops.rope_write_kv(q, k, v, positions, rope.cos, rope.sin, kv_cache, meta.slot_mapping)
-        else:
-            q, k = rope(positions, q, k)
+            q = q.view(-1, self.num_heads, self.head_dim)
+            k = k.view(-1, self.num_kv_heads, self.head_dim)
+            triton_ops.rope_write_kv(q, k, v, rot.positions, rot.cos_table, rot.sin_table, kv_cache,
+                                     meta.slot_mapping)
+        else:   # q and k are adjacent in qkv: rotate them together
+            qk = rot.apply(qkv[:, :self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
+                                                                     self.head_dim))
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
             write_kv(kv_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -125,13 +147,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, positions, rope, kv_cache, meta):
+    def forward(self, x, residual, rot, kv_cache, meta):
         """(mlp output, residual stream); the next layer's norm adds them (fused on CUDA)."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rope, kv_cache, meta)
+        h = self.self_attn(h, rot, kv_cache, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -163,8 +185,9 @@ class LlamaModel(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm; `kv_cache` is [layers, 2, blocks, ...]."""
         x, residual = self.embed_tokens(input_ids), None
+        rot = self.rope.at(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, positions, self.rope, kv_cache[i], meta)
+            x, residual = layer(x, residual, rot, kv_cache[i], meta)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,10 @@ def test_fused_ops_match_torch(dtype, tol):
     from services.engine import triton_ops
     from services.engine.attention import write_kv
     from services.engine.config import ModelConfig
-    from services.engine.model import RotaryEmbedding, _rotate_half
+    from services.engine.model import RotaryEmbedding
+
+    def _rotate_half(x):
+        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
 
     def rel(a, b):
         return float((a.float() - b.float()).norm() / b.float().norm())
