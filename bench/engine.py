@@ -128,20 +128,22 @@ def timed_decode_steps(engine: LLMEngine, batch: int, prompt_len: int, steps: in
     ids = [f"b{batch}-{i}" for i in range(batch)]
     for rid in ids:
         prompt = torch.randint(0, engine.vocab_size, (prompt_len,), generator=gen).tolist()
-        engine.add_request(rid, prompt, SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True))
     while any(engine.seqs[r].num_output_tokens == 0 for r in ids):
         engine.step()
     for _ in range(3):
         engine.step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    samples = []
+    for _ in range(3):      # median of three timed runs of `steps // 3` steps
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps // 3):
+            engine.step()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) / (steps // 3))
     for rid in ids:
         engine.abort(rid)
-    return elapsed / steps
+    return statistics.median(samples)
 
 
 def timed_prefill(engine: LLMEngine, batch: int, prompt_len: int) -> float:
@@ -158,7 +160,8 @@ def timed_prefill(engine: LLMEngine, batch: int, prompt_len: int) -> float:
 
 
 def hf_decode_step(model, vocab: int, batch: int, prompt_len: int, steps: int) -> float:
-    """Seconds per decode step of HF generate(): (time for 1+steps tokens - time for 1) / steps."""
+    """Seconds per decode step of HF generate(): (time for 1+steps tokens - time for 1) / steps,
+    median of three (HF's step is CPU-bound, so it varies from run to run)."""
     ids = torch.randint(0, vocab, (batch, prompt_len), device="cuda")
     mask = torch.ones_like(ids)
 
@@ -171,7 +174,7 @@ def hf_decode_step(model, vocab: int, batch: int, prompt_len: int, steps: int) -
         return time.perf_counter() - start
 
     run(2)
-    return (run(steps + 1) - run(1)) / steps
+    return statistics.median((run(steps + 1) - run(1)) / steps for _ in range(3))
 
 
 def bench_cuda(args) -> dict:
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=512, help="CUDA: prompt tokens per request")
-    p.add_argument("--steps", type=int, default=64, help="CUDA: timed decode steps")
+    p.add_argument("--steps", type=int, default=96, help="CUDA: timed decode steps (three runs)")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--gpu-mem", type=float, default=0.6, help="CUDA: share of GPU memory for the engine")
     p.add_argument("--skip-hf", action="store_true")

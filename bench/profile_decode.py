@@ -62,6 +62,24 @@ def main() -> None:
         sched_ms = (time.perf_counter() - t) / 50 * 1e3
         print(f"batch {batch}: graph replay {replay_ms:.2f} ms (GPU), engine.step {step_ms:.2f} ms (wall), "
               f"schedule() {sched_ms:.2f} ms")
+        phases = {"schedule": 0.0, "prepare+replay": 0.0, "sample (waits for GPU)": 0.0, "postprocess": 0.0}
+        from services.engine.sampling import sample
+        for _ in range(50):
+            t0 = time.perf_counter()
+            out = engine.scheduler.schedule()
+            t1 = time.perf_counter()
+            logits = runner.run(out)
+            t2 = time.perf_counter()
+            seqs = [c.seq for c in out.chunks if c.samples]
+            tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs],
+                            [s.num_output_tokens for s in seqs])
+            t3 = time.perf_counter()
+            engine.scheduler.postprocess(out, tokens)
+            [engine._after_sample(c.seq) for c in out.chunks if c.samples]
+            t4 = time.perf_counter()
+            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                phases[k] += dt * 1e3 / 50
+        print("  per step: " + ", ".join(f"{k} {v:.3f} ms" for k, v in phases.items()))
         prof_cpu = cProfile.Profile()
         prof_cpu.enable()
         for _ in range(50):

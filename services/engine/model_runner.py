@@ -5,6 +5,8 @@ scratch block that no request owns), so a step costs one launch instead of hundr
 """
 from __future__ import annotations
 
+import array
+
 import torch
 
 from services.engine.attention import AttentionMetadata, PrefillChunk
@@ -160,12 +162,16 @@ class ModelRunner:
             slots.append(c.seq.block_ids[c.start // bs] * bs + c.start % bs)
         lens = [p + 1 for p in pos]
         # Padding rows attend to one token of the scratch block and write there: harmless.
-        rows = [ids + [0] * pad, pos + [0] * pad, slots + [scratch * bs] * pad, lens + [1] * pad]
-        self.g_inputs[:, :batch].copy_(torch.tensor(rows), non_blocking=True)
+        # Flat arrays via the buffer protocol: ~3x cheaper than torch.tensor() on Python lists.
+        rows = ids + [0] * pad + pos + [0] * pad + slots + [scratch * bs] * pad + lens + [1] * pad
+        self.g_inputs[:, :batch].copy_(_int_tensor(rows, "q").view(4, batch), non_blocking=True)
         width = max(len(c.seq.block_ids) for c in step.chunks)
-        tables = [c.seq.block_ids + [scratch] * (width - len(c.seq.block_ids)) for c in step.chunks]
-        tables += [[scratch] * width] * pad
-        self.g_tables[:batch, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        tables: list[int] = []
+        for c in step.chunks:
+            tables += c.seq.block_ids
+            tables += [scratch] * (width - len(c.seq.block_ids))
+        tables += [scratch] * (width * pad)
+        self.g_tables[:batch, :width].copy_(_int_tensor(tables, "i").view(batch, width), non_blocking=True)
         graph, logits = self.graphs[batch]
         graph.replay()
         return logits[:n]
@@ -179,3 +185,8 @@ class ModelRunner:
     def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         idx = torch.tensor(block_ids, device=self.device, dtype=torch.long)
         self.kv_cache.index_copy_(2, idx, data.to(self.device, self.dtype).permute(1, 2, 0, 3, 4, 5))
+
+
+def _int_tensor(values: list[int], typecode: str) -> torch.Tensor:
+    """A CPU int64 ("q") or int32 ("i") tensor from a flat list, without per-element Python calls."""
+    return torch.frombuffer(array.array(typecode, values), dtype=torch.int64 if typecode == "q" else torch.int32)
