@@ -9,7 +9,7 @@ import array
 
 import torch
 
-from services.engine.attention import AttentionMetadata, PrefillChunk
+from services.engine.attention import AttentionMetadata, PrefillChunk, decode_mask
 from services.engine.config import EngineConfig, ModelConfig
 from services.engine.cpu_linear import can_pack, pack_linears
 from services.engine.loader import init_dummy_weights, load_weights
@@ -94,7 +94,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=self._to_device(torch.cat(slots)), num_decodes=num_decodes,
             decode_block_tables=tables, decode_context_lens=lens, prefills=tuple(prefills),
-            decode_num_splits=self._num_splits(num_decodes))
+            decode_num_splits=self._num_splits(num_decodes),
+            decode_mask=decode_mask(tables, lens, self.block_size) if num_decodes and not tables.is_cuda else None)
         hidden = self.model(self._to_device(torch.cat(ids)), self._to_device(torch.cat(pos)),
                             self.kv_cache, meta)
         return self.model.compute_logits(hidden[self._to_device(torch.tensor(sample_rows, dtype=torch.long))])
