@@ -48,6 +48,15 @@ def test_engine_gpu_greedy_equals_cpu_with_cuda_graphs(cpu_engine, gpu_engine):
     assert gpu_engine.generate(PROMPTS, GREEDY) == cpu_engine.generate(PROMPTS, GREEDY)
 
 
+def test_engine_gpu_prefix_cache_hits_equal_cpu(cpu_engine, gpu_engine):
+    shared = list(range(700, 740))                       # two and a half blocks in common
+    prompts = [shared + [1, 2, 3], shared + [4, 5, 6, 7, 8, 9]]
+    gpu_engine.generate(prompts[:1], GREEDY)
+    hits = gpu_engine.kv.num_hit_blocks
+    assert gpu_engine.generate(prompts, GREEDY) == cpu_engine.generate(prompts, GREEDY)
+    assert gpu_engine.kv.num_hit_blocks - hits >= 4
+
+
 def test_engine_gpu_kv_export_continues_on_cpu(cpu_engine, gpu_engine):
     prompt = list(range(300, 345))
     expected = cpu_engine.generate([prompt], GREEDY)[0]
