@@ -7,11 +7,11 @@ hits the prefix cache, and chunked prefill under a tiny token budget — must al
 from __future__ import annotations
 
 import pytest
-import torch
 
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.sampling import SamplingParams
+from tests.engine.recording import generate_recording_logits, hf_greedy
 
 NUM_TOKENS = 64
 GREEDY = SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True)
@@ -35,40 +35,14 @@ def prompts(smollm2_path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def hf_reference(smollm2_path, prompts):
-    """HF's greedy tokens and last-step logits for each prompt, one prompt at a time (no padding)."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None     # run on past EOS, like ignore_eos (no suppression)
-    ref = []
-    with torch.inference_mode():
-        for p in prompts:
-            # An explicit mask: chat prompts contain <|im_end|>, which HF would take for padding.
-            ids = torch.tensor([p])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_TOKENS,
-                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
-            ref.append((out.sequences[0, len(p):].tolist(), out.logits[-1][0].float()))
-    return ref
+    """HF's greedy tokens and last-step logits for each prompt."""
+    return [(tokens, logits[-1]) for tokens, logits in hf_greedy(smollm2_path, prompts, NUM_TOKENS)]
 
 
 def run_recording_logits(engine: LLMEngine, prompts, params=GREEDY):
     """Generate, keeping each request's logits from the last step that sampled for it."""
-    last: dict[str, torch.Tensor] = {}
-    run = engine.runner.run
-
-    def recording_run(step):
-        logits = run(step)
-        for chunk, row in zip([c for c in step.chunks if c.samples], logits):
-            last[chunk.seq.request_id] = row.clone()
-        return logits
-
-    engine.runner.run = recording_run
-    try:
-        before = set(last)
-        outputs = engine.generate(prompts, params)
-    finally:
-        engine.runner.run = run
-    new_ids = [rid for rid in last if rid not in before]
-    return outputs, [last[rid] for rid in sorted(new_ids, key=lambda r: int(r.rsplit("-", 1)[1]))]
+    outputs, logits = generate_recording_logits(engine, prompts, params)
+    return outputs, [steps[-1] for steps in logits]
 
 
 def assert_parity(outputs, logits, hf_reference):

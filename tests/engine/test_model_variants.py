@@ -16,6 +16,7 @@ from services.engine.config import EngineConfig, ModelConfig
 from services.engine.engine import LLMEngine
 from services.engine.sampling import SamplingParams
 from tests.conftest import make_tiny_model
+from tests.engine.recording import generate_recording_logits, hf_greedy
 
 NUM_TOKENS = 24
 GREEDY = SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True)
@@ -62,44 +63,20 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, 49152, (n,), generator=gen).tolist() for n in PROMPT_LENS]
 
 
-def hf_greedy(folder, prompts) -> list[tuple[list[int], torch.Tensor]]:
+def hf_greedy_first_logits(folder, prompts) -> list[tuple[list[int], torch.Tensor]]:
     """HF's greedy tokens and first-step logits, one prompt at a time (no padding)."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    results = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = torch.tensor([p])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_TOKENS,
-                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
-            results.append((out.sequences[0, len(p):].tolist(), out.logits[0][0].float()))
-    return results
+    return [(tokens, logits[0]) for tokens, logits in hf_greedy(folder, prompts, NUM_TOKENS)]
 
 
 @pytest.fixture(scope="module")
 def hf_reference(variant, prompts):
-    return hf_greedy(variant[1], prompts)
+    return hf_greedy_first_logits(variant[1], prompts)
 
 
 def generate_with_first_logits(engine: LLMEngine, prompts, params=GREEDY):
     """Generate, keeping each request's logits from the first step that sampled for it."""
-    first: dict[str, torch.Tensor] = {}
-    run = engine.runner.run
-
-    def recording_run(step):
-        logits = run(step)
-        for chunk, row in zip([c for c in step.chunks if c.samples], logits):
-            first.setdefault(chunk.seq.request_id, row.clone())
-        return logits
-
-    engine.runner.run = recording_run
-    try:
-        outputs = engine.generate(prompts, params)
-    finally:
-        engine.runner.run = run
-    in_order = sorted(first, key=lambda rid: int(rid.rsplit("-", 1)[1]))
-    return outputs, [first[rid] for rid in in_order]
+    outputs, logits = generate_recording_logits(engine, prompts, params)
+    return outputs, [steps[0] for steps in logits]
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -188,5 +165,5 @@ def test_qkv_the_same_size_as_gate_up_loads_correctly(tmp_path, prompts):
                              initializer_range=INIT_STD)
     engine = LLMEngine(EngineConfig(model=str(folder), num_blocks=64))
     _, logits = generate_with_first_logits(engine, prompts[:1], SamplingParams(max_tokens=1, temperature=0))
-    (_, hf_logits), = hf_greedy(folder, prompts[:1])
+    (_, hf_logits), = hf_greedy_first_logits(folder, prompts[:1])
     assert relative_error(logits[0], hf_logits) < 1e-4
