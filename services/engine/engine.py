@@ -8,6 +8,7 @@ real model; `SimEngine` (sim_engine.py) swaps in a performance model and keeps e
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -37,7 +38,7 @@ class RequestOutput:
     num_output_tokens: int = 0
 
 
-class BaseEngine:
+class BaseEngine(ABC):
     """Everything but the arithmetic: requests, scheduling, stopping, KV export/import."""
 
     def __init__(self, *, layout: KVLayout, num_blocks: int, max_model_len: int, vocab_size: int,
@@ -118,12 +119,13 @@ class BaseEngine:
         self.scheduler.postprocess(scheduled, token_ids)
         return [self._after_sample(c.seq) for c in scheduled.chunks if c.samples]
 
+    @abstractmethod
     def execute(self, scheduled: SchedulerOutput) -> list[int]:
         """One token for each chunk that samples, in order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def detokenize(self, token_ids: list[int]) -> str:
-        raise NotImplementedError
+        """Text of token ids (stop strings are checked on it)."""
 
     def _after_sample(self, seq: Sequence) -> RequestOutput:
         stop = check_stop(seq, self.eos_token_ids, self.max_model_len,
@@ -198,11 +200,13 @@ class BaseEngine:
             self.write_block_tensor([block_ids[i] for i in write], data[write])
         return block_ids
 
+    @abstractmethod
     def read_block_bytes(self, block_ids: list[int]) -> bytes:
-        raise NotImplementedError
+        """Raw KV of blocks, in `KVLayout` order."""
 
+    @abstractmethod
     def write_block_tensor(self, block_ids: list[int], data: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Store [n, layers, 2, block_size, kv_heads, head_dim] into blocks."""
 
     @property
     def stats(self) -> dict[str, int]:
