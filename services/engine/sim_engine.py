@@ -68,7 +68,8 @@ class SimProfile:
         return self.step_overhead_s + max(compute, memory)
 
 
-# The sim's own KV is tiny but real, so export/import move actual bytes through the same code.
+# The sim's own KV is tiny but real (never written by steps, so a step costs no tensor work): export and
+# import move actual bytes through the same code as the real engine.
 SIM_LAYOUT = {"dtype": "float32", "num_layers": 1, "num_kv_heads": 1, "head_dim": 4}
 
 
@@ -88,10 +89,6 @@ class SimEngine(BaseEngine):
     def execute(self, scheduled: SchedulerOutput) -> list[int]:
         self.last_step_seconds = self.profile.step_seconds(scheduled)
         self.clock += self.last_step_seconds
-        for chunk in scheduled.chunks:     # stand-in KV: each slot holds its token's position
-            seq = chunk.seq
-            for pos in range(chunk.start, chunk.start + chunk.num_tokens):
-                self.kv_blocks[seq.block_ids[pos // self.layout.block_size], ..., pos % self.layout.block_size, :, :] = pos
         return [self.placeholder_token(c.seq.seed, c.seq.num_output_tokens)
                 for c in scheduled.chunks if c.samples]
 
