@@ -32,7 +32,8 @@ class KVCacheManager:
         max_blocks = (seq.num_tokens - 1) // self.block_size
         return self.pool.lookup(seq.block_keys[:max_blocks])
 
-    def record_lookup(self, seq: Sequence, hits) -> None:
+    def record_lookup(self, seq: Sequence, hits: Seq[int]) -> None:
+        """Count a lookup for the prefix hit ratio (hits / queried full blocks)."""
         self.num_queried_blocks += (seq.num_tokens - 1) // self.block_size
         self.num_hit_blocks += len(hits)
 
