@@ -100,12 +100,10 @@ class ModelRunner:
                             self.kv_cache, meta)
         return self.model.compute_logits(hidden[self._to_device(torch.tensor(sample_rows, dtype=torch.long))])
 
-    def _decode_tables(self, step: SchedulerOutput, num_decodes: int, width: int | None = None):
+    def _decode_tables(self, step: SchedulerOutput, num_decodes: int):
         if not num_decodes:
             return None, None
-        seqs = [c.seq for c in step.chunks[:num_decodes]]
-        width = width or max(len(s.block_ids) for s in seqs)
-        tables = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs], dtype=torch.int32)
+        tables = block_tables(step.chunks[:num_decodes], filler=0)
         lens = torch.tensor([c.start + 1 for c in step.chunks[:num_decodes]], dtype=torch.int32)
         return self._to_device(tables), self._to_device(lens)
 
@@ -166,13 +164,8 @@ class ModelRunner:
         # Flat arrays via the buffer protocol: ~3x cheaper than torch.tensor() on Python lists.
         rows = ids + [0] * pad + pos + [0] * pad + slots + [scratch * bs] * pad + lens + [1] * pad
         self.g_inputs[:, :batch].copy_(_int_tensor(rows, "q").view(4, batch), non_blocking=True)
-        width = max(len(c.seq.block_ids) for c in step.chunks)
-        tables: list[int] = []
-        for c in step.chunks:
-            tables += c.seq.block_ids
-            tables += [scratch] * (width - len(c.seq.block_ids))
-        tables += [scratch] * (width * pad)
-        self.g_tables[:batch, :width].copy_(_int_tensor(tables, "i").view(batch, width), non_blocking=True)
+        tables = block_tables(step.chunks, filler=scratch, num_pad_rows=pad)
+        self.g_tables[:batch, :tables.shape[1]].copy_(tables, non_blocking=True)
         graph, logits = self.graphs[batch]
         graph.replay()
         return logits[:n]
@@ -191,3 +184,14 @@ class ModelRunner:
 def _int_tensor(values: list[int], typecode: str) -> torch.Tensor:
     """A CPU int64 ("q") or int32 ("i") tensor from a flat list, without per-element Python calls."""
     return torch.frombuffer(array.array(typecode, values), dtype=torch.int64 if typecode == "q" else torch.int32)
+
+
+def block_tables(chunks, filler: int, num_pad_rows: int = 0) -> torch.Tensor:
+    """[len(chunks) + num_pad_rows, widest table] int32 block tables, short rows filled with `filler`."""
+    width = max(len(c.seq.block_ids) for c in chunks)
+    flat: list[int] = []
+    for c in chunks:
+        flat += c.seq.block_ids
+        flat += [filler] * (width - len(c.seq.block_ids))
+    flat += [filler] * (width * num_pad_rows)
+    return _int_tensor(flat, "i").view(-1, width)
