@@ -32,7 +32,8 @@ def test_engine_preempts_by_recompute_and_loses_nothing(tiny_llama):
     assert small.kv.num_free_blocks == 10
 
 
-def test_engine_stops_at_a_stop_string_and_a_stop_token(tiny_llama):
+def test_engine_stops_at_a_stop_string_and_a_stop_token(tiny_llama, smollm2_path):
+    # smollm2_path: the tiny model borrows SmolLM2's tokenizer, which stop strings need
     engine = engine_for(tiny_llama)
     free = engine.generate(PROMPTS[:1], GREEDY)[0]
     text = engine.detokenize(free)
