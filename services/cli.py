@@ -1,6 +1,9 @@
 """The ``ferry`` command line: one entry point whose subcommands hand off to each service.
 
     ferry generate --model models/SmolLM2-135M-Instruct "The capital of France is"
+    ferry serve gateway|scheduler|prefill|decode|kvstore [options]
+    ferry up [--prefill N --decode M | --colocated]
+    ferry bench --base-url http://127.0.0.1:8000 ...
 
 Each subcommand imports its service only when it runs, so ``ferry --help`` stays fast and a
 subcommand's heavy dependencies (torch, transformers) load only when needed. Everything after the
@@ -11,6 +14,7 @@ options (``ferry generate --help`` prints the engine's help).
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 
@@ -24,8 +28,37 @@ def _generate(argv: list[str]) -> int:
     return int(engine_main(argv) or 0)
 
 
+SERVICES = ("gateway", "scheduler", "prefill", "decode", "kvstore")
+
+
+def _serve(argv: list[str]) -> int:
+    """Run one service process: ``services.<name>.main.main(argv)``."""
+    if not argv or argv[0] not in SERVICES:
+        print(f"usage: ferry serve {{{','.join(SERVICES)}}} [--help]", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(f"services.{argv[0]}.main")
+    return int(module.main(argv[1:]) or 0)
+
+
+def _up(argv: list[str]) -> int:
+    """Start the whole stack locally (``services.platforms.local``)."""
+    from services.platforms.local import main as up_main
+
+    return int(up_main(argv) or 0)
+
+
+def _bench(argv: list[str]) -> int:
+    """Benchmark an OpenAI-compatible endpoint (``services.benchmark.cli``)."""
+    from services.benchmark.cli import main as bench_main
+
+    return int(bench_main(argv) or 0)
+
+
 COMMANDS: dict[str, tuple[Handler, str]] = {
     "generate": (_generate, "generate text with the engine (options: ferry generate --help)"),
+    "serve": (_serve, f"run one service: {', '.join(SERVICES)} (ferry serve NAME --help)"),
+    "up": (_up, "start the whole stack on this machine (ferry up --help)"),
+    "bench": (_bench, "benchmark an OpenAI-compatible endpoint (ferry bench --help)"),
 }
 
 
