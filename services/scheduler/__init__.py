@@ -1,0 +1,1 @@
+"""The global scheduler: instance registry (fed by heartbeats, persisted in Redis), routing, gRPC API."""

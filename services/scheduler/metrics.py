@@ -1,0 +1,41 @@
+"""The scheduler's Prometheus metrics, in a registry of their own (served on --metrics-port).
+
+    ferry_scheduler_instances{role, healthy}            gauge, refreshed on every registry change/sweep
+    ferry_scheduler_route_decisions_total{result}       disaggregated | colocated | no_route | invalid
+    ferry_scheduler_route_duration_seconds              histogram of Route handling time
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from services.common.cluster import ClusterSnapshot, Role
+
+ROUTE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+class SchedulerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.instances = Gauge("ferry_scheduler_instances", "Registered instances by role and health",
+                               ["role", "healthy"], registry=self.registry)
+        self.route_decisions = Counter("ferry_scheduler_route_decisions", "Route calls by result",
+                                       ["result"], registry=self.registry)
+        self.route_duration = Histogram("ferry_scheduler_route_duration_seconds",
+                                        "Time to handle one Route call", buckets=ROUTE_BUCKETS,
+                                        registry=self.registry)
+
+    def observe_instances(self, snapshot: ClusterSnapshot) -> None:
+        counts = {(role.value, healthy): 0 for role in Role for healthy in ("true", "false")}
+        for instance in snapshot.instances:
+            healthy = "true" if snapshot.is_alive(instance) else "false"   # draining still counts
+            counts[(instance.spec.role.value, healthy)] += 1
+        for (role, healthy), n in counts.items():
+            self.instances.labels(role=role, healthy=healthy).set(n)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP server (a daemon thread); returns the bound port."""
+        try:
+            server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {host}:{port}: {e}") from None
+        return server.server_port

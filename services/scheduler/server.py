@@ -1,0 +1,147 @@
+"""The scheduler's gRPC servicer: the registry, the prefix index and the routing policy behind the wire.
+
+Each RPC converts the proto message to core types (convert.py), calls the registry or the pure
+policy with the wall clock as `now`, applies the side effects (prefix index, load reservation,
+Redis, metrics) and converts back. Status codes:
+
+    bad input                        INVALID_ARGUMENT, the message names the field
+    Route finds no instance          UNAVAILABLE, the message says which phase and which filter
+    Heartbeat from an unknown id     OK with known=false (the worker registers again)
+
+A sweeper task marks silence: past the heartbeat timeout an instance is unhealthy (filtered out) and
+its prefix-index entries are dropped (a worker that comes back may have lost its cache); past
+`expiry_s` it is forgotten altogether.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+
+from services.common.cluster import NoRoute, Route, RouteRequest
+from services.gen.ferry.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.scheduler import convert
+from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.persistence import RedisPersistence
+from services.scheduler.policies.routing import RoutingPolicy, decide
+from services.scheduler.prefix_index import PrefixIndex
+from services.scheduler.registry import Registry
+
+log = logging.getLogger("ferry.scheduler")
+
+
+class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, registry: Registry, prefix_index: PrefixIndex, policy: RoutingPolicy, *,
+                 heartbeat_interval_s: float, expiry_s: float, persistence: RedisPersistence | None = None,
+                 metrics: SchedulerMetrics | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self.prefix_index = prefix_index
+        self.policy = policy
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.expiry_s = expiry_s
+        self.persistence = persistence
+        self.metrics = metrics or SchedulerMetrics()
+        self.clock = clock   # wall clock: heartbeat times outlive the process in Redis
+
+    async def Register(self, request, context):
+        try:
+            spec = convert.spec_from_proto(request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        is_new = self.registry.register(spec, self.clock())
+        if not is_new:   # a worker registering again has restarted: its cache is not what we recorded
+            self.prefix_index.remove_instance(spec.instance_id)
+        log.info("%s %s (%s, %s, model %s)", "registered" if is_new else "re-registered",
+                 spec.instance_id, spec.role.value, spec.address, spec.model)
+        await self._save(spec.instance_id)
+        self._observe_instances()
+        return scheduler_pb2.RegisterReply(heartbeat_interval_s=self.heartbeat_interval_s)
+
+    async def Heartbeat(self, request, context):
+        try:
+            load = convert.load_from_proto(request.load)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"instance {request.instance_id}: {e}")
+        known = self.registry.heartbeat(request.instance_id, load, self.clock())
+        if known and self.persistence is not None:
+            self.persistence.mark(self.registry.get(request.instance_id))
+        return scheduler_pb2.HeartbeatReply(known=known)
+
+    async def Deregister(self, request, context):
+        await self._forget(request.instance_id, "deregistered")
+        return scheduler_pb2.DeregisterReply()
+
+    async def Route(self, request, context):
+        started = time.perf_counter()
+        try:
+            return await self._route(request, context)
+        finally:
+            self.metrics.route_duration.observe(time.perf_counter() - started)
+
+    async def ListInstances(self, request, context):
+        snapshot = self.registry.snapshot(self.clock())
+        return scheduler_pb2.ListInstancesReply(instances=[
+            convert.status_to_proto(s, snapshot.now, snapshot.is_alive(s)) for s in snapshot.instances])
+
+    async def _route(self, request, context) -> scheduler_pb2.RouteReply:
+        try:
+            req = convert.route_request_from_proto(request)
+        except ValueError as e:
+            self.metrics.route_decisions.labels(result="invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        decision = decide(self.registry.snapshot(self.clock()), req, self.policy, self.prefix_index)
+        if isinstance(decision, NoRoute):
+            self.metrics.route_decisions.labels(result="no_route").inc()
+            log.warning("request %s: %s", req.request_id, decision.reason)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, decision.reason)
+        self._apply(req, decision)
+        result = "colocated" if decision.is_colocated else "disaggregated"
+        self.metrics.route_decisions.labels(result=result).inc()
+        prefill, decode = self.registry.get(decision.prefill_id), self.registry.get(decision.decode_id)
+        return scheduler_pb2.RouteReply(prefill=convert.spec_to_proto(prefill.spec),
+                                        decode=convert.spec_to_proto(decode.spec))
+
+    def _apply(self, req: RouteRequest, route: Route) -> None:
+        """Remember the prefix on the prefill instance and count the request against both loads."""
+        self.prefix_index.record(req.block_keys, route.prefill_id)
+        decode = self.registry.get(route.decode_id)
+        self.registry.reserve(route.decode_id, decode.spec.num_blocks_for(req.num_total_tokens))
+        if not route.is_colocated:
+            prefill = self.registry.get(route.prefill_id)
+            self.registry.reserve(route.prefill_id, prefill.spec.num_blocks_for(req.num_prompt_tokens))
+
+    async def sweep(self) -> None:
+        """Drop the prefix entries of silent instances and forget those silent past `expiry_s`."""
+        now = self.clock()
+        for instance_id in self.registry.silent_ids(now, self.registry.heartbeat_timeout_s):
+            self.prefix_index.remove_instance(instance_id)
+        for instance_id in self.registry.silent_ids(now, self.expiry_s):
+            await self._forget(instance_id, f"expired (silent for more than {self.expiry_s:g} s)")
+        self._observe_instances()
+
+    async def run_sweeper(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.sweep()
+            try:
+                await asyncio.wait_for(stop.wait(), self.heartbeat_interval_s)
+            except TimeoutError:
+                pass
+
+    async def _forget(self, instance_id: str, why: str) -> None:
+        if self.registry.deregister(instance_id):
+            log.info("%s %s", why, instance_id)
+        self.prefix_index.remove_instance(instance_id)
+        if self.persistence is not None:
+            await self.persistence.delete_now(instance_id)
+        self._observe_instances()
+
+    async def _save(self, instance_id: str) -> None:
+        state = self.registry.get(instance_id)
+        if self.persistence is not None and state is not None:
+            await self.persistence.save_now(state)
+
+    def _observe_instances(self) -> None:
+        self.metrics.observe_instances(self.registry.snapshot(self.clock()))
