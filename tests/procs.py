@@ -35,7 +35,7 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
 def start(args: list[str], *, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `python -m services.cli <args>` in its own process group, output to `log`."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    out = open(log, "ab")
+    out = open(log, "ab")  # noqa: SIM115 (the child owns it)
     return subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=full_env,
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -1,6 +1,6 @@
 """Service settings: one frozen dataclass per service, filled from flags, env and YAML.
 
-    precedence:  --flag  >  FERRY_<FIELD> env var  >  --config file.yaml  >  dataclass default
+    precedence:  --flag  >  FERRY_<SERVICE>_<FIELD> env var  >  --config file.yaml  >  dataclass default
 
 `parse_settings(Settings, argv, prog=...)` builds the argparse parser from the dataclass fields
 (`field(metadata={"help": ...})` becomes the flag's help text), so `ferry serve X --help` always lists
@@ -57,16 +57,16 @@ def _convert(name: str, tp: type, raw: Any) -> Any:
         raise SystemExit(f"setting {name}: cannot read {raw!r} as {tp.__name__}") from None
 
 
-def parse_settings(cls: type[T], argv: list[str] | None, *, prog: str, description: str = "") -> T:
+def parse_settings(cls: type[T], argv: list[str] | None, *, prog: str, description: str = "",
+                   env_prefix: str = ENV_PREFIX) -> T:
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, help="YAML file of settings (keys are the flag names "
                         "with _ or -); flags and FERRY_* env vars override it")
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} [env {ENV_PREFIX}{f.name.upper()}]"
+        help_text = f"{f.metadata.get('help', '')} [env {env_prefix}{f.name.upper()}]"
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text + f" (default: {f.default})")
@@ -78,7 +78,7 @@ def parse_settings(cls: type[T], argv: list[str] | None, *, prog: str, descripti
     if args.config is not None:
         values.update(_read_yaml(args.config, cls))
     for f in dataclasses.fields(cls):
-        env = os.environ.get(ENV_PREFIX + f.name.upper())
+        env = os.environ.get(env_prefix + f.name.upper())
         if env is not None:
             values[f.name] = env
         flag_value = getattr(args, f.name)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from services.common.block_keys import from_hex, to_hex
+from services.common.block_keys import BlockKey, from_hex, to_hex
 from services.engine.block_pool import OutOfBlocks
 from services.engine.config import EngineConfig, ModelConfig
 from services.engine.kv_cache_manager import KVCacheManager
@@ -199,6 +199,25 @@ class BaseEngine(ABC):
             data = payload.blocks()
             self.write_block_tensor([block_ids[i] for i in write], data[write])
         return block_ids
+
+    def cache_blocks(self, keys: list[BlockKey], data: torch.Tensor) -> int:
+        """Write full blocks fetched from elsewhere (the kvstore) as prefix-cache entries, so the next
+        request with this prefix hits them. Keys cached already are skipped; stops when no block is
+        free. `data` is [len(keys), *block_shape]. Returns how many blocks were written."""
+        pool = self.kv.pool
+        todo = [i for i, k in enumerate(keys) if k not in pool.cached][:pool.num_free]
+        if not todo:
+            return 0
+        block_ids = pool.allocate(len(todo))
+        self.write_block_tensor(block_ids, data[todo])
+        for block_id, i in zip(block_ids, todo):
+            pool.cache(block_id, keys[i])
+        pool.free(reversed(block_ids))        # cached free: the prefix survives until LRU reuse
+        return len(todo)
+
+    def num_cached_prefix_blocks(self, keys: list[BlockKey]) -> int:
+        """How many leading `keys` this engine's prefix cache holds. No side effects."""
+        return len(self.kv.pool.lookup(keys))
 
     @abstractmethod
     def read_block_bytes(self, block_ids: list[int]) -> bytes:

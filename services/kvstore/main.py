@@ -70,7 +70,7 @@ async def serve(settings: KVStoreSettings, stop: asyncio.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_settings(KVStoreSettings, argv, prog="ferry serve kvstore",
+    settings = parse_settings(KVStoreSettings, argv, prog="ferry serve kvstore", env_prefix="FERRY_KVSTORE_",
                               description="The shared KV-cache store: full KV blocks by chained content "
                                           "key, in a memory LRU with an optional disk tier.")
     return run_service("kvstore", lambda stop: serve(settings, stop))

@@ -98,6 +98,6 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_settings(SchedulerSettings, argv, prog="ferry serve scheduler",
+    settings = parse_settings(SchedulerSettings, argv, prog="ferry serve scheduler", env_prefix="FERRY_SCHEDULER_",
                               description="The global scheduler: instance registry, heartbeats, routing.")
     return run_service("scheduler", functools.partial(serve, settings))

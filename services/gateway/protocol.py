@@ -1,0 +1,178 @@
+"""OpenAI API requests → a validated `GenerationRequest`, and the response bodies (pure functions).
+
+Validation errors are `InvalidRequest(message, param)`; the app turns them into HTTP 400 with an
+OpenAI-style body: {"error": {"message", "type": "invalid_request_error", "param", "code"}}.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class InvalidRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One request as the gateway runs it, whichever endpoint it came from."""
+    kind: str                                  # "completion" | "chat"
+    model: str
+    prompt: str | list[int] | None = None      # completions
+    messages: tuple[dict, ...] = ()            # chat
+    max_tokens: int | None = None              # None: up to the context (chat default)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    ignore_eos: bool = False
+    user: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+UNSUPPORTED = {"logprobs": "logprobs", "top_logprobs": "logprobs", "echo": "echo", "suffix": "suffix",
+               "tools": "tool calling", "functions": "function calling", "best_of": "best_of > 1"}
+
+
+def parse_request(kind: str, body: Any) -> GenerationRequest:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    model = _typed(body, "model", str, required=True)
+    for key, what in UNSUPPORTED.items():
+        value = body.get(key)
+        if (value not in (None, 1)) if key == "best_of" else bool(value):
+            raise InvalidRequest(f"{what} is not supported by this server; remove `{key}`", key)
+    n = _typed(body, "n", int)
+    if n not in (None, 1):
+        raise InvalidRequest("only n=1 is supported; send n separate requests", "n")
+    max_tokens = _typed(body, "max_completion_tokens", int) if kind == "chat" else None
+    max_tokens = _typed(body, "max_tokens", int) if max_tokens is None else max_tokens
+    if max_tokens is None and kind == "completion":
+        max_tokens = 16                         # OpenAI's default for completions
+    if max_tokens is not None and max_tokens <= 0:
+        raise InvalidRequest(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    temperature = _number(body, "temperature", 1.0)
+    if not 0 <= temperature <= 2:
+        raise InvalidRequest(f"temperature must be between 0 and 2, got {temperature}", "temperature")
+    top_p = _number(body, "top_p", 1.0)
+    if not 0 < top_p <= 1:
+        raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}", "top_p")
+    top_k = _typed(body, "top_k", int) or 0
+    if top_k < 0 and top_k != -1:
+        raise InvalidRequest(f"top_k must be >= 1 (or -1/0 for all tokens), got {top_k}", "top_k")
+    stream = _typed(body, "stream", bool) or False
+    options = _typed(body, "stream_options", dict) or {}
+    if options and not stream:
+        raise InvalidRequest("stream_options is only allowed with stream=true", "stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise InvalidRequest("stream_options.include_usage must be a boolean", "stream_options")
+    common = {"kind": kind, "model": model, "max_tokens": max_tokens, "temperature": temperature,
+              "top_p": top_p, "top_k": max(top_k, 0), "seed": _typed(body, "seed", int),
+              "stop": _stop(body.get("stop")), "stream": stream, "include_usage": include_usage,
+              "ignore_eos": _typed(body, "ignore_eos", bool) or False, "user": _typed(body, "user", str)}
+    if kind == "chat":
+        return GenerationRequest(messages=_messages(body.get("messages")), **common)
+    return GenerationRequest(prompt=_prompt(body.get("prompt")), **common)
+
+
+def _typed(body: dict, key: str, tp: type, required: bool = False) -> Any:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise InvalidRequest(f"`{key}` is required", key)
+        return None
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise InvalidRequest(f"`{key}` must be {_type_name(tp)}, got {type(value).__name__}", key)
+    return value
+
+
+def _number(body: dict, key: str, default: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"`{key}` must be a number, got {type(value).__name__}", key)
+    return float(value)
+
+
+def _type_name(tp: type) -> str:
+    return {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "an array"}[tp]
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items) or len(items) > 4:
+        raise InvalidRequest("`stop` must be a non-empty string or an array of up to 4 non-empty strings", "stop")
+    return tuple(items)
+
+
+def _prompt(value: Any) -> str | list[int]:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]                       # a batch of one
+    if isinstance(value, str):
+        if not value:
+            raise InvalidRequest("`prompt` is empty", "prompt")
+        return value
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return value
+    if isinstance(value, list) and len(value) > 1:
+        raise InvalidRequest("batched prompts are not supported; send one prompt per request", "prompt")
+    raise InvalidRequest("`prompt` is required: a non-empty string or an array of token ids", "prompt")
+
+
+def _messages(value: Any) -> tuple[dict, ...]:
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest("`messages` is required: a non-empty array of {role, content}", "messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
+            raise InvalidRequest(f"messages[{i}] needs a role of system, user, assistant or tool", "messages")
+        content = m.get("content")
+        if isinstance(content, list):          # content parts: keep the text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise InvalidRequest(f"messages[{i}].content: only text parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}].content must be a string", "messages")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    return tuple(out)
+
+
+# ---- responses ------------------------------------------------------------------------------
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def choice(kind: str, text: str, finish_reason: str | None, delta: bool, first: bool = False) -> dict:
+    if kind == "completion":
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    if delta:
+        message = {"role": "assistant", "content": text} if first else {"content": text}
+        return {"index": 0, "delta": message, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "finish_reason": finish_reason}
+
+
+def envelope(kind: str, request_id: str, model: str, created: int | None = None, chunk: bool = False) -> dict:
+    obj = "text_completion" if kind == "completion" else ("chat.completion.chunk" if chunk else "chat.completion")
+    return {"id": request_id, "object": obj, "created": created or int(time.time()), "model": model}

@@ -1,0 +1,59 @@
+"""The gateway's view of the cluster: routes from the scheduler, and the served models (refreshed)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from services.common.grpc_util import aio_channel
+from services.gen.ferry.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class NoRoute(Exception):
+    """No worker can take the request now (HTTP 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    block_size: int
+    max_model_len: int
+
+
+class SchedulerClient:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = aio_channel(address)
+        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self.models: dict[str, ModelInfo] = {}
+
+    async def route(self, request: scheduler_pb2.RouteRequest) -> tuple[common_pb2.Instance, common_pb2.Instance]:
+        try:
+            reply = await self._stub.Route(request, timeout=5)
+        except grpc.aio.AioRpcError as e:
+            raise NoRoute(e.details() or f"the scheduler at {self.address} is unreachable") from None
+        return reply.prefill, reply.decode
+
+    async def refresh(self) -> None:
+        reply = await self._stub.ListInstances(scheduler_pb2.ListInstancesRequest(), timeout=5)
+        models = {}
+        for status in reply.instances:
+            inst = status.instance
+            if status.healthy:
+                models[inst.model] = ModelInfo(inst.model, inst.block_size, inst.max_model_len)
+        self.models = models
+
+    async def keep_refreshed(self, interval_s: float = 1.0) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except grpc.aio.AioRpcError as e:
+                log.warning("cannot list instances from the scheduler (%s)", e.code().name)
+            await asyncio.sleep(interval_s)
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,206 @@
+"""`ferry up`: the whole stack as local processes on 127.0.0.1 (the embedded default; `make run`).
+
+    redis (if installed) ─ scheduler ─ kvstore ─ prefill ×N ─ decode ×M ─ gateway :8000
+                                                 (or: worker ×K with --colocated)
+
+Children run in their own process group and die with this process (PR_SET_PDEATHSIG), so Ctrl-C,
+SIGTERM or a crash of `ferry up` leaves nothing behind. Logs go to --log-dir (one file per process).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ferry up", description="Start a whole Ferry cluster on this machine.")
+    p.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="HF-format model folder")
+    p.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers")
+    p.add_argument("--decode", type=int, default=1, metavar="M", help="decode workers")
+    p.add_argument("--colocated", action="store_true",
+                   help="the baseline: workers that do both phases (as many as --decode), no prefill pool")
+    p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
+    p.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the workers")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=0.5, help="KV cache of each worker")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--kvstore-capacity-gb", type=float, default=1.0)
+    p.add_argument("--no-kvstore", action="store_true", help="run without the shared KV store")
+    p.add_argument("--no-redis", action="store_true", help="keep scheduler state in memory only")
+    p.add_argument("--log-dir", type=Path, default=None, help="process logs (default: a temporary folder)")
+    p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for the stack")
+    return p
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when `ferry up` exits, however that happens."""
+    os.setsid()
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Stack:
+    host: str
+    log_dir: Path
+    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], wait_port: int | None = None, timeout: float = 120) -> None:
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509 (no threads here)
+        self.procs.append((name, proc))
+        if wait_port is not None:
+            self.wait_port(name, proc, wait_port, timeout)
+
+    def serve(self, name: str, service: str, args: list[str], port: int, timeout: float = 120) -> None:
+        self.start(name, [sys.executable, "-m", "services.cli", "serve", service, *args], port, timeout)
+
+    def wait_port(self, name: str, proc: subprocess.Popen, port: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise StartupError(name, f"exited with code {proc.returncode}", self.log_dir / f"{name}.log")
+            try:
+                with socket.create_connection((self.host, port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise StartupError(name, f"not listening on {self.host}:{port} after {timeout:.0f} s",
+                           self.log_dir / f"{name}.log")
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise StartupError(name, f"exited with code {proc.returncode}", self.log_dir / f"{name}.log")
+
+    def stop(self) -> None:
+        """SIGTERM everything (newest first), wait, then SIGKILL stragglers."""
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _, proc in reversed(self.procs):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class StartupError(RuntimeError):
+    def __init__(self, name: str, what: str, log: Path) -> None:
+        tail = log.read_text(errors="replace").splitlines()[-15:] if log.is_file() else []
+        super().__init__(f"{name} {what}; last lines of {log}:\n  " + "\n  ".join(tail))
+
+
+def launch(args: argparse.Namespace, stack: Stack) -> str:
+    """Start every process; returns the gateway URL once a request can be served."""
+    h = args.host
+    scheduler_port, kvstore_port = free_port(h), free_port(h)
+    scheduler_args = ["--host", h, "--port", str(scheduler_port)]
+    redis = shutil.which("redis-server")
+    if redis and not args.no_redis:
+        redis_port = free_port(h)
+        stack.start("redis", [redis, "--port", str(redis_port), "--bind", h, "--save", "", "--appendonly", "no"],
+                    redis_port, 30)
+        scheduler_args += ["--redis-url", f"redis://{h}:{redis_port}/0"]
+    stack.serve("scheduler", "scheduler", scheduler_args, scheduler_port)
+    worker_common = ["--model", args.model, "--host", h, "--scheduler-address", f"{h}:{scheduler_port}",
+                     "--device", args.device, "--dtype", args.dtype,
+                     "--kv-cache-memory-gb", str(args.kv_cache_memory_gb), "--max-num-seqs", str(args.max_num_seqs)]
+    if not args.no_kvstore:
+        stack.serve("kvstore", "kvstore", ["--host", h, "--port", str(kvstore_port),
+                                           "--capacity-gb", str(args.kvstore_capacity_gb)], kvstore_port)
+        worker_common += ["--kvstore-address", f"{h}:{kvstore_port}"]
+    roles = [("worker", "both", args.decode)] if args.colocated else [
+        ("prefill", "prefill", args.prefill), ("decode", "decode", args.decode)]
+    workers = []
+    for name, role, count in roles:
+        for i in range(count):
+            port = free_port(h)
+            service = "decode" if role == "both" else role
+            extra = ["--role", "both"] if role == "both" else []
+            stack.serve(f"{name}-{i}", service, [*worker_common, *extra, "--port", str(port)], port=None)
+            workers.append((f"{name}-{i}", port))
+    for name, port in workers:                 # they load the model in parallel
+        stack.wait_port(name, dict(stack.procs)[name], port, args.ready_timeout)
+    stack.serve("gateway", "gateway", ["--model", args.model, "--host", h, "--port", str(args.port),
+                                       "--sink-port", str(free_port(h)),
+                                       "--scheduler-address", f"{h}:{scheduler_port}"], args.port)
+    url = f"http://{h}:{args.port}"
+    wait_models(url, stack, len(workers), args.ready_timeout)
+    return url
+
+
+def wait_models(url: str, stack: Stack, num_workers: int, timeout: float) -> None:
+    """Until the gateway lists a model (the workers registered and heartbeat)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as r:
+                if b'"id"' in r.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise StartupError("gateway", f"lists no model after {timeout:.0f} s", stack.log_dir / "gateway.log")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        print(f"ferry up: {args.model} has no config.json; run `make install` first (it builds the model)",
+              file=sys.stderr)
+        return 2
+    if args.prefill < 1 or args.decode < 1:
+        print("ferry up: --prefill and --decode must be >= 1", file=sys.stderr)
+        return 2
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="ferry-up-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(args.host, log_dir)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        url = launch(args, stack)
+        model = Path(args.model).name
+        mode = "colocated" if args.colocated else f"{args.prefill} prefill + {args.decode} decode"
+        print(f"Ferry is serving {model} ({mode}) at {url}  (logs: {log_dir})\n\n"
+              f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+              f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
+              f"\"content\": \"What is the capital of France?\"}}], \"max_tokens\": 32}}'\n\n"
+              "Press Ctrl-C to stop.", flush=True)
+        while True:
+            stack.check_alive()
+            time.sleep(0.5)
+    except StartupError as e:
+        print(f"ferry up: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nferry up: stopping", file=sys.stderr)
+        return 0
+    finally:
+        stack.stop()

@@ -1,0 +1,70 @@
+"""KV payloads on a `Worker.PushKV` stream: stages of one header chunk then data chunks (≤ 4 MiB).
+
+    stage 1: [header_json | data ≤4 MiB] [data] ... [data, end_of_stage]     blocks 0..k   (not final)
+    stage 2: [header_json, end_of_stage]   ...                                 blocks k..n   (final)
+
+The sender keeps one stream per request and feeds it stages as the prefill produces full blocks, so
+the transfer overlaps with later prefill chunks; the receiver imports each stage as it completes.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+
+from services.engine.kv_transfer import MAX_CHUNK_BYTES, KVPayload
+from services.gen.ferry.v1 import worker_pb2 as pb
+
+
+def stage_chunks(payload: KVPayload, max_bytes: int = MAX_CHUNK_BYTES) -> Iterator[pb.KVChunk]:
+    rid = payload.request_id
+    header = json.dumps(payload.meta())
+    chunks = list(payload.chunks(max_bytes)) or [b""]
+    for i, data in enumerate(chunks):
+        yield pb.KVChunk(request_id=rid, header_json=header if i == 0 else "", data=data,
+                         end_of_stage=i == len(chunks) - 1)
+
+
+async def read_stages(chunks: AsyncIterator[pb.KVChunk]) -> AsyncIterator[KVPayload]:
+    """Payloads from a PushKV stream; ValueError on a malformed stage (says what was wrong)."""
+    meta: dict | None = None
+    parts: list[bytes] = []
+    request_id = ""
+    async for chunk in chunks:
+        if request_id and chunk.request_id and chunk.request_id != request_id:
+            raise ValueError(f"one PushKV stream carries one request: got {chunk.request_id!r} "
+                             f"after {request_id!r}")
+        request_id = request_id or chunk.request_id
+        if meta is None:
+            if not chunk.header_json:
+                raise ValueError("a KV stage must start with a header chunk (header_json)")
+            try:
+                meta = json.loads(chunk.header_json)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"KV stage header is not valid JSON: {e}") from None
+        parts.append(chunk.data)
+        if chunk.end_of_stage:
+            payload = await asyncio.to_thread(KVPayload.from_chunks, meta, parts)
+            if payload.request_id != request_id:
+                raise ValueError(f"stage header names {payload.request_id!r}, the stream {request_id!r}")
+            yield payload
+            meta, parts = None, []
+    if meta is not None:
+        raise ValueError("the PushKV stream ended in the middle of a stage")
+
+
+class StageQueue:
+    """Stages of one request waiting to go out on its PushKV stream; `None` ends the stream."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[KVPayload | None] = asyncio.Queue()
+
+    def put(self, payload: KVPayload | None) -> None:
+        self._queue.put_nowait(payload)
+
+    async def chunks(self) -> AsyncIterator[pb.KVChunk]:
+        while (payload := await self._queue.get()) is not None:
+            for chunk in stage_chunks(payload):
+                yield chunk
+            if payload.is_final:
+                return

@@ -1,0 +1,105 @@
+"""`ferry serve prefill|decode` (and the colocated `--role both`): one engine behind the Worker API.
+
+    ferry serve decode --model models/SmolLM2-135M-Instruct --port 50062 \
+        --scheduler-address 127.0.0.1:50050 --kvstore-address 127.0.0.1:50051
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.grpc_util import aio_server, bind
+from services.common.lifecycle import run_service
+from services.common.settings import parse_settings, setting
+from services.gen.ferry.v1 import common_pb2, worker_pb2_grpc
+
+log = logging.getLogger("ferry.worker")
+ROLES = {"prefill": common_pb2.ROLE_PREFILL, "decode": common_pb2.ROLE_DECODE, "both": common_pb2.ROLE_BOTH}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    role: str = setting("both", "prefill, decode, or both (one colocated worker does both phases)")
+    model: str = setting("models/SmolLM2-135M-Instruct", "HF-format model folder")
+    served_model_name: str = setting("", "model name in the API and in KV layouts (default: folder name)")
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(50060, "gRPC port (0: any free port)")
+    advertise_address: str = setting("", "host:port others reach this worker at (default: host:port)")
+    instance_id: str = setting("", "unique name in the cluster (default: ROLE-HOST-PORT)")
+    scheduler_address: str = setting("", "scheduler host:port to register with (empty: stand-alone)")
+    kvstore_address: str = setting("", "kvstore host:port for shared prefix blocks (empty: none)")
+    device: str = setting("cpu", "cpu or cuda[:N]")
+    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    block_size: int = setting(16, "tokens per KV block (must match across workers)")
+    kv_cache_memory_gb: float = setting(0.5, "KV cache budget on CPU")
+    max_num_seqs: int = setting(64, "requests in one batch")
+    max_num_batched_tokens: int = setting(2048, "token budget of one step (prefill chunks + decodes)")
+    max_model_len: int = setting(0, "context length cap (0: the model's)")
+    enable_prefix_caching: bool = setting(True, "reuse KV of shared prompt prefixes")
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role {self.role!r}: use one of {', '.join(ROLES)}")
+        if not (Path(self.model) / "config.json").is_file():
+            raise ValueError(f"model folder {self.model!r} has no config.json (run `make install`, or pass --model)")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port {self.port} is outside 0..65535")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+
+def engine_config(s: WorkerSettings):
+    from services.engine.config import EngineConfig
+    return EngineConfig(model=s.model, device=s.device, dtype=s.dtype, block_size=s.block_size,
+                        kv_cache_memory_gb=s.kv_cache_memory_gb, max_num_seqs=s.max_num_seqs,
+                        max_num_batched_tokens=s.max_num_batched_tokens, max_model_len=s.max_model_len or None,
+                        enable_prefix_caching=s.enable_prefix_caching, model_id=s.model_name)
+
+
+async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
+    from services.engine.engine import LLMEngine
+    from services.kvstore.client import KVStoreClient
+    from services.worker.registration import keep_registered
+    from services.worker.servicer import WorkerServicer
+
+    engine = await asyncio.to_thread(LLMEngine, engine_config(s))
+    kvstore = KVStoreClient(s.kvstore_address) if s.kvstore_address else None
+    server = aio_server()
+    port = bind(server, s.host, s.port)
+    address = s.advertise_address or f"{s.host}:{port}"
+    instance_id = s.instance_id or f"{s.role}-{s.host}-{port}"
+    servicer = WorkerServicer(engine, instance_id=instance_id, role=ROLES[s.role], kvstore=kvstore)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    servicer.loop.start()
+    await server.start()
+    log.info("%s worker %s serving %s on %s (%d KV blocks)", s.role, instance_id, s.model_name, address,
+             engine.kv.pool.num_blocks)
+    registration = None
+    if s.scheduler_address:
+        instance = common_pb2.Instance(instance_id=instance_id, role=ROLES[s.role], address=address,
+                                       model=s.model_name, block_size=s.block_size,
+                                       max_model_len=engine.max_model_len)
+        registration = asyncio.create_task(keep_registered(s.scheduler_address, instance, servicer.load, stop))
+    await stop.wait()
+    if registration is not None:
+        await registration
+    await server.stop(grace=2)
+    await servicer.close()
+    if kvstore is not None:
+        await kvstore.close()
+
+
+def main(argv: list[str] | None = None, role: str | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    prog = f"ferry serve {role or 'worker'}"
+    settings = parse_settings(WorkerSettings, argv, prog=prog, description=__doc__.split("\n")[0],
+                              env_prefix="FERRY_WORKER_")
+    if role is not None:
+        settings = dataclasses.replace(settings, role=role)
+    return run_service(settings.role, lambda stop: serve(settings, stop))

@@ -1,0 +1,318 @@
+"""`WorkerServicer`: the gRPC face of one engine, for the prefill role, the decode role, or both.
+
+    Prefill  -> (prefill role) Admit on the decode worker, prefix from the kvstore, add to the engine;
+                stages stream to the decode worker while the prompt computes (see handoff.py);
+                returns when the first token is out and the KV handed off.
+    Admit    -> (decode role) remember where the request's tokens go.
+    PushKV   -> (decode role) import stages; the request resumes decoding after the final one.
+    Abort / Drain / Stats.
+
+Tokens of every request this worker runs go to its gateway's TokenSink, one batch per step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from services.common.block_keys import chain_keys
+from services.common.grpc_util import aio_channel
+from services.engine.block_pool import OutOfBlocks
+from services.engine.engine import BaseEngine, RequestOutput
+from services.engine.kv_transfer import KVLayoutMismatch
+from services.gen.ferry.v1 import common_pb2, token_sink_pb2, worker_pb2, worker_pb2_grpc
+from services.kvstore.client import KVStoreClient
+from services.worker.engine_loop import EngineLoop
+from services.worker.handoff import StepResult, Tracked, after_step
+from services.worker.kv_stream import StageQueue, read_stages
+from services.worker.requests import sampling_params, validate_prefill
+from services.worker.token_pusher import TokenPusher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Flight:
+    """Event-loop side of a request: the Prefill RPC waiting on it and its KV stream."""
+    tracked: Tracked
+    prefill_done: asyncio.Future
+    num_cached_tokens: int = 0
+    decode_address: str = ""
+    stages: StageQueue | None = None
+    sender: asyncio.Task | None = None
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine: BaseEngine, *, instance_id: str, role: int,
+                 kvstore: KVStoreClient | None) -> None:
+        self.engine = engine
+        self.instance_id = instance_id
+        self.role = role
+        self.kvstore = kvstore
+        self.namespace = "/".join(str(v) for v in (engine.layout.model_id, engine.layout.dtype,
+                                                   engine.layout.block_size, engine.layout.num_layers,
+                                                   engine.layout.num_kv_heads, engine.layout.head_dim))
+        self.draining = False
+        self.tracked: dict[str, Tracked] = {}       # read on the engine thread; changed between steps
+        self.flights: dict[str, Flight] = {}
+        self.pusher = TokenPusher()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.loop = EngineLoop(engine, asyncio.get_running_loop(),
+                               lambda eng, outs: after_step(eng, outs, self.tracked, self.kvstore is not None),
+                               self._on_step, self._on_engine_failure)
+
+    # ---- Prefill --------------------------------------------------------------------------
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillReply:
+        rid = request.request_id
+        problem = validate_prefill(request, self.role)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.instance_id} is draining")
+        if rid in self.flights:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} is already running here")
+        try:
+            params = sampling_params(request.sampling)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        hand_off = bool(request.decode_address)
+        prompt = list(request.prompt_token_ids)
+        if hand_off:
+            await self._admit_on(request.decode_address, rid, request.sink_address,
+                                 len(prompt) + params.max_tokens, context)
+        keys = chain_keys(prompt, self.engine.layout.block_size)[:(len(prompt) - 1) // self.engine.layout.block_size]
+        num_store, fetched = await self._fetch_prefix(keys)
+        tracked = Tracked(rid, request.sink_address, hand_off, num_store_blocks=num_store)
+        flight = Flight(tracked, asyncio.get_running_loop().create_future(),
+                        decode_address=request.decode_address)
+        self.flights[rid] = flight
+
+        def start(engine: BaseEngine) -> int:
+            if fetched is not None:
+                engine.cache_blocks(keys[:len(fetched)], fetched)
+            hits = engine.num_cached_prefix_blocks(keys)
+            engine.add_request(rid, prompt, params)
+            self.tracked[rid] = tracked
+            return hits * engine.layout.block_size
+
+        try:
+            flight.num_cached_tokens = await self.loop.call(start)
+            return await flight.prefill_done
+        except ValueError as e:
+            self._forget(rid)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except PrefillFailed as e:
+            await context.abort(e.code, str(e))
+        except asyncio.CancelledError:          # the gateway gave up on the request
+            await self._abort(rid)
+            raise
+
+    async def _admit_on(self, address: str, rid: str, sink: str, num_tokens: int, context) -> None:
+        stub = worker_pb2_grpc.WorkerStub(self._channel(address))
+        try:
+            await stub.Admit(worker_pb2.AdmitRequest(request_id=rid, sink_address=sink, num_tokens=num_tokens),
+                             timeout=10)
+        except grpc.aio.AioRpcError as e:
+            code = e.code() if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"decode worker {address} did not admit {rid}: {e.details()}")
+
+    async def _fetch_prefix(self, keys: list[bytes]) -> tuple[int, torch.Tensor | None]:
+        """Blocks the kvstore has beyond this worker's own prefix cache: (store prefix length, data)."""
+        if self.kvstore is None or not keys:
+            return 0, None
+        try:
+            num_store = await self.kvstore.lookup(self.namespace, keys)
+            num_local = await self.loop.call(lambda e: e.num_cached_prefix_blocks(keys))
+            if num_store <= num_local:
+                return num_store, None
+            blocks = await self.kvstore.get(self.namespace, keys[:num_store])
+        except grpc.aio.AioRpcError as e:       # the store is a cache: serve without it
+            log.warning("kvstore unavailable (%s); computing the prefix", e.code().name)
+            return 0, None
+        shape = self.engine.layout.block_shape
+        dtype = torch.empty(0, dtype=getattr(torch, self.engine.layout.dtype)).dtype
+        data = torch.frombuffer(bytearray(b"".join(blocks)), dtype=dtype).view(len(blocks), *shape) if blocks else None
+        return len(blocks), data
+
+    # ---- Admit / PushKV (decode role) -----------------------------------------------------
+    async def Admit(self, request: worker_pb2.AdmitRequest, context) -> worker_pb2.AdmitReply:
+        rid = request.request_id
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.instance_id} is draining")
+        if not rid or not request.sink_address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Admit needs request_id and sink_address")
+        if rid in self.flights:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} is already here")
+        blocks = -(-request.num_tokens // self.engine.layout.block_size)
+        if blocks > self.engine.kv.pool.num_blocks:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{rid} can grow to {blocks} KV blocks; this worker has {self.engine.kv.pool.num_blocks}")
+        self.flights[rid] = Flight(Tracked(rid, request.sink_address, hand_off=False),
+                                   asyncio.get_running_loop().create_future())
+        return worker_pb2.AdmitReply()
+
+    async def PushKV(self, request_iterator, context) -> worker_pb2.PushKVReply:
+        rid, num_blocks, resumed = "", 0, False
+        try:
+            async for payload in read_stages(request_iterator):
+                rid = payload.request_id
+                flight = self.flights.get(rid)
+                if flight is None:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"{rid} was not admitted here (call Admit first)")
+                num_blocks += payload.num_blocks
+                resumed = await self.loop.call(self._import, payload, flight.tracked)
+        except (ValueError, KVLayoutMismatch) as e:
+            await self._abort(rid)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except OutOfBlocks as e:
+            await self._abort(rid)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except asyncio.CancelledError:
+            await self._abort(rid)
+            raise
+        if not resumed:
+            await self._abort(rid)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: the stream ended before the final stage")
+        return worker_pb2.PushKVReply(resumed=True, num_blocks=num_blocks)
+
+    def _import(self, engine: BaseEngine, payload, tracked: Tracked) -> bool:
+        resumed = engine.import_kv(payload)
+        if resumed:
+            self.tracked[payload.request_id] = tracked
+        return resumed
+
+    # ---- after each step (event loop) -----------------------------------------------------
+    def _on_step(self, result: StepResult) -> None:
+        by_sink: dict[str, list[token_sink_pb2.TokenEvent]] = {}
+        for tracked, out in result.outputs:
+            by_sink.setdefault(tracked.sink, []).append(_event(out))
+            flight = self.flights.get(out.request_id)
+            if flight is None:
+                continue
+            if out.finished or (out.num_output_tokens == 1 and not tracked.hand_off):
+                _settle(flight.prefill_done, worker_pb2.PrefillReply(num_cached_tokens=flight.num_cached_tokens))
+            if out.finished:
+                self._forget(out.request_id)
+        for sink, events in by_sink.items():
+            self.pusher.push(sink, events)
+        for tracked, payload in result.stages:
+            self._send_stage(tracked, payload)
+        for keys, data in result.store_writes:
+            asyncio.create_task(self._store(keys, data))
+
+    def _send_stage(self, tracked: Tracked, payload) -> None:
+        flight = self.flights.get(tracked.request_id)
+        if flight is None:
+            return
+        if flight.stages is None:
+            flight.stages = StageQueue()
+            flight.sender = asyncio.create_task(self._push_kv(flight))
+        flight.stages.put(payload)
+        if payload.is_final:
+            self.tracked.pop(tracked.request_id, None)
+
+
+    async def _push_kv(self, flight: Flight) -> None:
+        rid = flight.tracked.request_id
+        stub = worker_pb2_grpc.WorkerStub(self._channel(flight.decode_address))
+        try:
+            reply = await stub.PushKV(flight.stages.chunks())
+        except grpc.aio.AioRpcError as e:
+            await self._abort(rid)
+            message = f"KV transfer of {rid} to {flight.decode_address} failed: {e.details()}"
+            _settle(flight.prefill_done, error=(e.code(), message))
+            return
+        self._forget(rid)
+        _settle(flight.prefill_done, worker_pb2.PrefillReply(num_cached_tokens=flight.num_cached_tokens,
+                                                             handed_off=reply.resumed))
+
+    async def _store(self, keys: list[bytes], data: bytes) -> None:
+        size = self.engine.layout.bytes_per_block
+        blocks = [(k, data[i * size:(i + 1) * size]) for i, k in enumerate(keys)]
+        try:
+            await self.kvstore.put(self.namespace, blocks)
+        except grpc.aio.AioRpcError as e:
+            log.warning("kvstore write of %d blocks failed: %s", len(blocks), e.code().name)
+
+    def _on_engine_failure(self, error: Exception) -> None:
+        """A step raised: every request here ends with an error rather than hanging."""
+        for rid in list(self.flights):
+            flight = self.flights[rid]
+            event = token_sink_pb2.TokenEvent(request_id=rid, finish_reason="error",
+                                              error=f"worker {self.instance_id} failed: {error}")
+            self.pusher.push(flight.tracked.sink, [event])
+            _settle(flight.prefill_done, error=(grpc.StatusCode.INTERNAL, str(error)))
+            asyncio.create_task(self._abort(rid))
+
+    # ---- Abort / Drain / Stats ------------------------------------------------------------
+    async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortReply:
+        return worker_pb2.AbortReply(found=await self._abort(request.request_id))
+
+    async def _abort(self, rid: str) -> bool:
+        if not rid:
+            return False
+        flight = self.flights.get(rid)
+        self._forget(rid)
+        if flight is not None:
+            if flight.sender is not None:
+                flight.sender.cancel()
+            _settle(flight.prefill_done, error=(grpc.StatusCode.CANCELLED, f"{rid} was aborted"))
+        found = await self.loop.call(lambda e: e.abort(rid))
+        return found or flight is not None
+
+    def _forget(self, rid: str) -> None:
+        self.flights.pop(rid, None)
+        self.tracked.pop(rid, None)
+
+    async def Drain(self, request, context) -> worker_pb2.DrainReply:
+        self.draining = True
+        return worker_pb2.DrainReply(num_remaining=len(self.flights))
+
+    async def Stats(self, request, context) -> worker_pb2.WorkerStats:
+        return worker_pb2.WorkerStats(instance_id=self.instance_id, role=self.role, load=self.load())
+
+    def load(self) -> common_pb2.WorkerLoad:
+        s = self.loop.stats
+        return common_pb2.WorkerLoad(num_running=s["num_running"], num_waiting=s["num_waiting"],
+                                     num_blocks=s["num_blocks"], num_free_blocks=s["num_free_blocks"],
+                                     num_cached_blocks=s["num_cached_blocks"],
+                                     num_preemptions=s["num_preemptions"], draining=self.draining)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = aio_channel(address)
+        return self._channels[address]
+
+    async def close(self) -> None:
+        self.loop.stop()
+        await self.pusher.close()
+        for channel in self._channels.values():
+            await channel.close()
+
+
+class PrefillFailed(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _settle(future: asyncio.Future, result=None, error: tuple[grpc.StatusCode, str] | None = None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(PrefillFailed(*error))
+        future.exception()          # nobody may await it (decode-side flights): don't log it as lost
+    else:
+        future.set_result(result)
+
+
+def _event(out: RequestOutput) -> token_sink_pb2.TokenEvent:
+    return token_sink_pb2.TokenEvent(
+        request_id=out.request_id, index=out.num_output_tokens - len(out.new_token_ids),
+        token_ids=out.new_token_ids, finish_reason=out.finish_reason or "",
+        stop_reason="" if out.stop_reason is None else str(out.stop_reason),
+        num_prompt_tokens=out.num_prompt_tokens)
