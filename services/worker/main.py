@@ -40,6 +40,7 @@ class WorkerSettings:
     max_num_batched_tokens: int = setting(2048, "token budget of one step (prefill chunks + decodes)")
     max_model_len: int = setting(0, "context length cap (0: the model's)")
     enable_prefix_caching: bool = setting(True, "reuse KV of shared prompt prefixes")
+    cpu_threads: int = setting(0, "torch CPU threads (0: torch's default, all cores)")
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -68,6 +69,9 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
     from services.worker.registration import keep_registered
     from services.worker.servicer import WorkerServicer
 
+    if s.cpu_threads > 0:
+        import torch
+        torch.set_num_threads(s.cpu_threads)
     engine = await asyncio.to_thread(LLMEngine, engine_config(s))
     kvstore = KVStoreClient(s.kvstore_address) if s.kvstore_address else None
     server = aio_server()
