@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,8 +102,9 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
 def main(argv: list[str] | None = None, role: str | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     prog = f"ferry serve {role or 'worker'}"
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if role is not None and "FERRY_WORKER_ROLE" not in os.environ:
+        argv = ["--role", role, *argv]    # the entry point's role is the default: `--role both` still wins
     settings = parse_settings(WorkerSettings, argv, prog=prog, description=__doc__.split("\n")[0],
                               env_prefix="FERRY_WORKER_")
-    if role is not None:
-        settings = dataclasses.replace(settings, role=role)
     return run_service(settings.role, lambda stop: serve(settings, stop))
