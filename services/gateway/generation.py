@@ -23,6 +23,7 @@ from services.gateway.token_sink import TokenDelta, TokenSink
 from services.gen.ferry.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+_background: set[asyncio.Task] = set()          # abort calls in flight (asyncio keeps only weak references)
 HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
                grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.FAILED_PRECONDITION: 503,
                grpc.StatusCode.DEADLINE_EXCEEDED: 504}
@@ -137,21 +138,31 @@ class Generation:
                     yield text, None
                 delta = None
         finally:
+            self.sink.close(self.request_id)
             if not self.finished:
                 await self.abort()
-            self.sink.close(self.request_id)
 
     async def abort(self) -> None:
-        """Tell every worker that may hold the request to drop it (idempotent, best effort)."""
+        """Tell every worker that may hold the request to drop it (idempotent, best effort).
+
+        The Abort calls run in their own task: a client that leaves a stream cancels the response's
+        task (and an anyio cancel scope cancels every later await in it too), which must not cancel
+        the calls that free the request's blocks."""
         self.finished = True
+        self.sink.close(self.request_id)
         if self._prefill is not None and not self._prefill.done():
             self._prefill.cancel()
+        task = asyncio.create_task(self._abort_on_workers())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+        await asyncio.shield(task)
+
+    async def _abort_on_workers(self) -> None:
         calls = [worker_pb2_grpc.WorkerStub(self.channels(a)).Abort(
             worker_pb2.AbortRequest(request_id=self.request_id), timeout=5) for a in self._workers]
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, Exception):
                 log.warning("abort of %s failed: %s", self.request_id, result)
-        self.sink.close(self.request_id)
 
 
 def _as_generation_error(error: BaseException) -> GenerationError:
