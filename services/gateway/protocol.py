@@ -43,6 +43,9 @@ UNSUPPORTED = {"logprobs": "logprobs", "top_logprobs": "logprobs", "echo": "echo
                "tools": "tool calling", "functions": "function calling", "best_of": "best_of > 1"}
 
 
+MAX_TOP_K = 2**31 - 1        # more than any vocabulary: the same as 0 (all tokens); fits the wire's uint32
+
+
 def parse_request(kind: str, body: Any) -> GenerationRequest:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
@@ -77,7 +80,7 @@ def parse_request(kind: str, body: Any) -> GenerationRequest:
     if not isinstance(include_usage, bool):
         raise InvalidRequest("stream_options.include_usage must be a boolean", "stream_options")
     common = {"kind": kind, "model": model, "max_tokens": max_tokens, "temperature": temperature,
-              "top_p": top_p, "top_k": max(top_k, 0), "seed": _typed(body, "seed", int),
+              "top_p": top_p, "top_k": min(max(top_k, 0), MAX_TOP_K), "seed": _typed(body, "seed", int),
               "stop": _stop(body.get("stop")), "stream": stream, "include_usage": include_usage,
               "ignore_eos": _typed(body, "ignore_eos", bool) or False, "user": _typed(body, "user", str)}
     if kind == "chat":
