@@ -36,17 +36,21 @@ class OutputStream:
         if event.finish_reason == "error":              # errors need no order: end the request now
             self.fail(event.error or "worker error")
             return
-        if event.index < self._next:
-            tokens = event.token_ids[self._next - event.index:]
-            if not tokens and not event.finish_reason:
-                return                                  # a repeat
-            event = token_sink_pb2.TokenEvent(index=self._next, token_ids=tokens, finish_reason=event.finish_reason,
-                                              stop_reason=event.stop_reason)
-        self._early[event.index] = event
-        while self._next in self._early and not self.finished:
-            ev = self._early.pop(self._next)
-            self._next += len(ev.token_ids)
-            self._emit(TokenDelta(tuple(ev.token_ids), ev.finish_reason or None, ev.stop_reason or None))
+        held = self._early.get(event.index)
+        if held is None or _end(event) > _end(held) or (_end(event) == _end(held) and event.finish_reason):
+            self._early[event.index] = event            # of two at one index, keep the one that goes further
+        # Emit whatever starts at or before the next position, trimmed to what is new (an early event
+        # may overlap one that arrives later: it must not wait forever for its exact index).
+        while not self.finished:
+            index = min((i for i in self._early if i <= self._next), default=None)
+            if index is None:
+                return
+            ev = self._early.pop(index)
+            tokens = tuple(ev.token_ids[self._next - index:])
+            if not tokens and not ev.finish_reason:
+                continue                                # a repeat
+            self._next += len(tokens)
+            self._emit(TokenDelta(tokens, ev.finish_reason or None, ev.stop_reason or None))
 
     def fail(self, message: str) -> None:
         if not self.finished:
@@ -78,3 +82,7 @@ class TokenSink(token_sink_pb2_grpc.TokenSinkServicer):
                 if stream is not None:                  # unknown: the client left; the worker is told
                     stream.feed(event)
         return token_sink_pb2.PushReply()
+
+
+def _end(event: token_sink_pb2.TokenEvent) -> int:
+    return event.index + len(event.token_ids)
