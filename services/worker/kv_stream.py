@@ -42,6 +42,8 @@ async def read_stages(chunks: AsyncIterator[pb.KVChunk]) -> AsyncIterator[KVPayl
                 meta = json.loads(chunk.header_json)
             except json.JSONDecodeError as e:
                 raise ValueError(f"KV stage header is not valid JSON: {e}") from None
+            if not isinstance(meta, dict):
+                raise ValueError(f"KV stage header must be a JSON object, got {type(meta).__name__}")
         parts.append(chunk.data)
         if chunk.end_of_stage:
             payload = await asyncio.to_thread(KVPayload.from_chunks, meta, parts)
