@@ -40,10 +40,12 @@ class SchedulerClient:
 
     async def refresh(self) -> None:
         reply = await self._stub.ListInstances(scheduler_pb2.ListInstancesRequest(), timeout=5)
-        models = {}
+        models: dict[str, ModelInfo] = {}
         for status in reply.instances:
             inst = status.instance
-            if status.healthy:
+            known = models.get(inst.model)
+            # a request must fit every instance it may run on (prefill and decode): the smallest limit
+            if status.healthy and (known is None or inst.max_model_len < known.max_model_len):
                 models[inst.model] = ModelInfo(inst.model, inst.block_size, inst.max_model_len)
         self.models = models
 

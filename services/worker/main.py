@@ -82,13 +82,17 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     servicer.loop.start()
     await server.start()
-    log.info("%s worker %s serving %s on %s (%d KV blocks)", s.role, instance_id, s.model_name, address,
-             engine.kv.pool.num_blocks)
+    # The longest request this worker can hold: the model's context, or less when the KV pool is smaller
+    # (a longer one is refused at Admit/add_request, so the gateway must not offer it, e.g. as the
+    # default max_tokens of a chat request).
+    max_model_len = min(engine.max_model_len, engine.kv.pool.num_blocks * engine.layout.block_size)
+    log.info("%s worker %s serving %s on %s (%d KV blocks, requests up to %d tokens)", s.role, instance_id,
+             s.model_name, address, engine.kv.pool.num_blocks, max_model_len)
     registration = None
     if s.scheduler_address:
         instance = common_pb2.Instance(instance_id=instance_id, role=ROLES[s.role], address=address,
                                        model=s.model_name, block_size=s.block_size,
-                                       max_model_len=engine.max_model_len)
+                                       max_model_len=max_model_len)
         registration = asyncio.create_task(keep_registered(s.scheduler_address, instance, servicer.load, stop))
     await stop.wait()
     if registration is not None:
