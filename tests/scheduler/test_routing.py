@@ -86,6 +86,10 @@ FILTER_CASES = [
     ("colocated needs prompt+output", HasKvRoom(), inst("a", Role.BOTH, free=7), Phase.COLOCATED, req(), False),
     ("prefill needs prompt blocks", HasKvRoom(), inst("a", Role.PREFILL, free=4), Phase.PREFILL, req(), True),
     ("partial block counts", HasKvRoom(), inst("a", free=8), Phase.DECODE, req(prompt=65), False),
+    ("long output: room for the first 128 tokens", HasKvRoom(), inst("a", free=12), Phase.DECODE,
+     req(max_tokens=8000), True),
+    ("long output: one block short of the headroom", HasKvRoom(), inst("a", free=11), Phase.DECODE,
+     req(max_tokens=8000), False),
     ("no heartbeat yet: pool unknown", HasKvRoom(), inst("a", free=0, blocks=0), Phase.PREFILL,
      req(prompt=0, max_tokens=0), False),
 ]

@@ -37,6 +37,9 @@ class Phase(enum.Enum):
         return role is Role.BOTH
 
 
+DECODE_HEADROOM_TOKENS = 128
+
+
 @dataclass(frozen=True, slots=True)
 class RouteContext:
     """Everything a plugin may read for one request and one phase."""
@@ -47,9 +50,14 @@ class RouteContext:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens the chosen instance must hold: the prompt for prefill, prompt + output otherwise."""
+        """Tokens the chosen instance must have room for now: the prompt for prefill; for decode also
+        the first DECODE_HEADROOM_TOKENS of output. Not all of max_tokens: a chat request's default
+        max_tokens fills the context, and output grows a block at a time (the engine preempts when
+        its pool runs out), so reserving it all would refuse work a busy worker can take."""
         r = self.request
-        return r.num_prompt_tokens if self.phase is Phase.PREFILL else r.num_total_tokens
+        if self.phase is Phase.PREFILL:
+            return r.num_prompt_tokens
+        return r.num_prompt_tokens + min(r.max_tokens, DECODE_HEADROOM_TOKENS)
 
 
 class PrefixLookup(Protocol):
