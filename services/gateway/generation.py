@@ -94,6 +94,8 @@ class Generation:
         if self._prefill.done() and self._prefill.exception() is not None:
             first.cancel()
             self.sink.close(self.request_id)
+            if len(self._workers) > 1:             # the decode worker may have admitted it already
+                await self._in_background(self._abort_on_workers(self._workers[1:]))
             raise _as_generation_error(self._prefill.exception())
         self._prefill.add_done_callback(self._on_prefill_done)
         try:
@@ -152,14 +154,19 @@ class Generation:
         self.sink.close(self.request_id)
         if self._prefill is not None and not self._prefill.done():
             self._prefill.cancel()
-        task = asyncio.create_task(self._abort_on_workers())
+        await self._in_background(self._abort_on_workers(self._workers))
+
+    @staticmethod
+    async def _in_background(coro) -> None:
+        """Await `coro` in a task of its own: cancelling the caller does not cancel it."""
+        task = asyncio.create_task(coro)
         _background.add(task)
         task.add_done_callback(_background.discard)
         await asyncio.shield(task)
 
-    async def _abort_on_workers(self) -> None:
+    async def _abort_on_workers(self, addresses: list[str]) -> None:
         calls = [worker_pb2_grpc.WorkerStub(self.channels(a)).Abort(
-            worker_pb2.AbortRequest(request_id=self.request_id), timeout=5) for a in self._workers]
+            worker_pb2.AbortRequest(request_id=self.request_id), timeout=5) for a in addresses]
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, Exception):
                 log.warning("abort of %s failed: %s", self.request_id, result)
