@@ -1,0 +1,262 @@
+"""A Ferry cluster as real processes on loopback (redis, scheduler, kvstore, workers, gateway), and the
+in-process engine that greedy outputs are compared with. Fixtures: conftest.py."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import openai
+
+from services.gen.ferry.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.procs import eventually, free_port, start, stop, wait_for_port
+
+MODEL = "SmolLM2-135M-Instruct"
+READY_TIMEOUT_S = 180.0
+
+
+@dataclass
+class Stack:
+    """One running cluster: its gateway URL, the scheduler address, and the processes by name."""
+    name: str
+    folder: Path
+    url: str = ""
+    scheduler_address: str = ""
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def log(self, name: str) -> Path:
+        return self.folder / f"{name}.log"
+
+    def tails(self, lines: int = 25) -> str:
+        out = []
+        for name in self.procs:
+            path = self.log(name)
+            text = path.read_text(errors="replace").splitlines()[-lines:] if path.is_file() else []
+            out.append(f"---- {self.name}/{name} ({path})\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def check_alive(self) -> None:
+        dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+        if dead:
+            raise RuntimeError(f"{self.name}: processes exited: {dead}\n{self.tails()}")
+
+    # ---- looking inside -------------------------------------------------------------------
+    def instances(self) -> list[scheduler_pb2.InstanceStatus]:
+        with grpc.insecure_channel(self.scheduler_address) as channel:
+            reply = scheduler_pb2_grpc.SchedulerStub(channel).ListInstances(
+                scheduler_pb2.ListInstancesRequest(), timeout=5)
+        return list(reply.instances)
+
+    def worker_stats(self) -> list[worker_pb2.WorkerStats]:
+        """`Stats` of every worker the scheduler knows, asked of the worker itself."""
+        stats = []
+        for status in self.instances():
+            with grpc.insecure_channel(status.instance.address) as channel:
+                stats.append(worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=5))
+        return stats
+
+    def idle(self) -> bool:
+        """No request runs or waits anywhere and every KV block is free (cached-free counts as free)."""
+        stats = self.worker_stats()
+        return bool(stats) and all(s.load.num_running == 0 and s.load.num_waiting == 0
+                                   and s.load.num_free_blocks == s.load.num_blocks for s in stats)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def metric(self, name: str) -> float:
+        """Sum of a metric's samples (all label sets); 0 when absent."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    # ---- life -----------------------------------------------------------------------------
+    def start_service(self, name: str, args: list[str]) -> subprocess.Popen:
+        self.procs[name] = start(args, log=self.log(name))
+        return self.procs[name]
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM every process group at once, then wait (SIGKILL what lingers)."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            stop(proc, timeout)
+
+
+def start_stack(name: str, folder: Path, model: Path, colocated: bool) -> Stack:
+    stack = Stack(name, folder)
+    started = False
+    try:
+        _launch(stack, model, colocated)
+        started = True
+    except (RuntimeError, OSError, grpc.RpcError) as e:
+        raise RuntimeError(f"the {name} stack did not start: {e}\n{stack.tails(40)}") from None
+    finally:
+        if not started:                     # also on Ctrl-C: leave no process behind
+            stack.stop()
+    return stack
+
+
+def _launch(stack: Stack, model: Path, colocated: bool) -> None:
+    redis = shutil.which("redis-server") or "/usr/bin/redis-server"
+    redis_port = free_port()
+    log = open(stack.log("redis"), "ab")  # noqa: SIM115 (the child owns it)
+    stack.procs["redis"] = subprocess.Popen(
+        [redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=stack.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    wait_for_port(redis_port, stack.procs["redis"], timeout=30)
+
+    scheduler_port = free_port()
+    stack.scheduler_address = f"127.0.0.1:{scheduler_port}"
+    stack.start_service("scheduler", ["serve", "scheduler", "--port", str(scheduler_port),
+                                      "--redis-url", f"redis://127.0.0.1:{redis_port}/0",
+                                      "--heartbeat-interval-s", "0.2"])
+    kvstore_port = free_port()
+    stack.start_service("kvstore", ["serve", "kvstore", "--port", str(kvstore_port), "--capacity-gb", "0.25"])
+    wait_for_port(scheduler_port, stack.procs["scheduler"], timeout=60)
+    wait_for_port(kvstore_port, stack.procs["kvstore"], timeout=60)
+
+    workers = [("worker", ["decode", "--role", "both"])] if colocated else [("prefill", ["prefill"]),
+                                                                           ("decode", ["decode"])]
+    threads = max(1, (os.cpu_count() or 1) // (len(workers) + 1))  # share the cores (+1: the test process)
+    common = ["--model", str(model), "--scheduler-address", stack.scheduler_address,
+              "--kvstore-address", f"127.0.0.1:{kvstore_port}", "--kv-cache-memory-gb", "0.25",
+              "--cpu-threads", str(threads)]
+    roles = {common_pb2.ROLE_BOTH} if colocated else {common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE}
+    ports = {}
+    for name, service in workers:                   # they load the model in parallel
+        ports[name] = free_port()
+        stack.start_service(name, ["serve", *service, *common, "--port", str(ports[name])])
+    for name, port in ports.items():
+        wait_for_port(port, stack.procs[name], timeout=READY_TIMEOUT_S)
+
+    http_port = free_port()
+    stack.url = f"http://127.0.0.1:{http_port}"
+    stack.start_service("gateway", ["serve", "gateway", "--model", str(model), "--port", str(http_port),
+                                    "--sink-port", str(free_port()), "--scheduler-address",
+                                    stack.scheduler_address])
+    wait_for_port(http_port, stack.procs["gateway"], timeout=60)
+
+    def ready() -> bool:
+        stack.check_alive()
+        if {s.instance.role for s in stack.instances() if s.healthy} != roles:
+            return False
+        try:
+            with urllib.request.urlopen(f"{stack.url}/v1/models", timeout=2) as r:
+                return any(m["id"] == MODEL for m in json.load(r)["data"])
+        except OSError:
+            return False
+
+    if not eventually(ready, timeout=60, interval=0.2):
+        raise TimeoutError(f"GET {stack.url}/v1/models does not list {MODEL}")
+
+
+class Reference:
+    """The in-process engine: what a greedy request must produce, token for token."""
+
+    def __init__(self, model: Path) -> None:
+        from services.engine.config import EngineConfig
+        from services.engine.engine import LLMEngine
+
+        self.engine = LLMEngine(EngineConfig(model=str(model), kv_cache_memory_gb=0.25))
+        self.tokenizer = self.engine.tokenizer
+        self._cache: dict[tuple, list[int]] = {}
+
+    def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        if messages is not None:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(prompt)
+
+    def greedy(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        import torch
+
+        from services.engine.sampling import SamplingParams
+
+        key = (tuple(prompt_ids), max_tokens)
+        if key not in self._cache:
+            # One thread: the stacks' workers hold the other cores, and an oversubscribed torch
+            # (threads spinning for a descheduled peer) is 10x slower on a small machine.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                self._cache[key] = self.engine.generate(
+                    [prompt_ids], SamplingParams(max_tokens=max_tokens, temperature=0))[0]
+            finally:
+                torch.set_num_threads(threads)
+        return self._cache[key]
+
+    def text(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+# ---- requests through the official client -------------------------------------------------------
+PROMPT = "The capital of France is"
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+MAX_TOKENS = 24
+
+
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url, api_key="x", timeout=120, max_retries=0)
+
+
+def complete(stack: Stack, kind: str, stream: bool, **kwargs) -> tuple[str, str | None, object]:
+    """(text, finish_reason, usage) of one request; a streamed one asks for the final usage chunk."""
+    c = client(stack)
+    args = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0, **kwargs}
+    create = c.completions.create if kind == "completion" else c.chat.completions.create
+    if kind == "completion":
+        args.setdefault("prompt", PROMPT)
+    else:
+        args.setdefault("messages", MESSAGES)
+    if not stream:
+        r = create(**args)
+        text = r.choices[0].text if kind == "completion" else r.choices[0].message.content
+        return text, r.choices[0].finish_reason, r.usage
+    parts, finish, usage, after_finish = [], None, None, 0
+    for chunk in create(stream=True, stream_options={"include_usage": True}, **args):
+        if chunk.usage is not None:
+            assert chunk.choices == [], "the usage chunk has no choices"
+            usage = chunk.usage
+            continue
+        assert usage is None, "the usage chunk is the last one"
+        assert len(chunk.choices) == 1
+        ch = chunk.choices[0]
+        after_finish += finish is not None
+        parts.append(ch.text if kind == "completion" else (ch.delta.content or ""))
+        finish = ch.finish_reason or finish
+    assert after_finish == 0, "no chunk after the one with finish_reason"
+    assert usage is not None, "stream_options.include_usage gives a final usage chunk"
+    return "".join(parts), finish, usage
+
+
+def expected(reference: Reference, kind: str, max_tokens: int = MAX_TOKENS) -> tuple[list[int], list[int]]:
+    prompt = reference.prompt_ids(PROMPT) if kind == "completion" else reference.prompt_ids(messages=MESSAGES)
+    return prompt, reference.greedy(prompt, max_tokens)
+
+
+def check_greedy_parity(stack: Stack, reference: Reference, kind: str, stream: bool) -> None:
+    """Greedy text, usage and finish_reason equal what the in-process engine gives for the same ids."""
+    prompt, output = expected(reference, kind)
+    text, finish, usage = complete(stack, kind, stream)
+    assert text == reference.text(output)
+    assert usage.completion_tokens == len(output)
+    assert usage.prompt_tokens == len(prompt)
+    assert usage.total_tokens == len(prompt) + len(output)
+    eos = output[-1] in reference.engine.eos_token_ids
+    assert finish == ("stop" if eos else "length")
