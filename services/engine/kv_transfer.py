@@ -71,6 +71,8 @@ class KVPayload:
     data: bytes = b""
 
     def __post_init__(self) -> None:
+        if not all(type(t) is int for t in self.token_ids):
+            raise ValueError(f"KV payload for {self.request_id}: token_ids must be integers")
         expected = self.num_blocks * self.layout.bytes_per_block
         if len(self.data) != expected:
             raise ValueError(f"KV payload for {self.request_id} is {'truncated' if len(self.data) < expected else 'too long'}: "

@@ -165,7 +165,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                         f"{rid} was not admitted here (call Admit first)")
                 num_blocks += payload.num_blocks
                 resumed = await self.loop.call(self._import, payload, flight.tracked)
-        except (ValueError, KVLayoutMismatch) as e:
+        except (ValueError, TypeError, KVLayoutMismatch) as e:
             await self._abort(rid)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except OutOfBlocks as e:
