@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-cache-memory-gb", type=float, default=0.5, help="KV cache of each worker")
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--cpu-threads", type=int, default=0,
+                   help="torch threads per CPU worker (0: the cores shared out among the workers)")
     p.add_argument("--kvstore-capacity-gb", type=float, default=1.0)
     p.add_argument("--no-kvstore", action="store_true", help="run without the shared KV store")
     p.add_argument("--no-redis", action="store_true", help="keep scheduler state in memory only")
@@ -140,7 +142,8 @@ def launch(args: argparse.Namespace, stack: Stack) -> str:
         ("prefill", "prefill", args.prefill), ("decode", "decode", args.decode)]
     if args.device == "cpu":                   # share the cores instead of oversubscribing them
         num_workers = sum(count for _, _, count in roles)
-        worker_common += ["--cpu-threads", str(max(1, (os.cpu_count() or 1) // num_workers))]
+        threads = args.cpu_threads or max(1, (os.cpu_count() or 1) // num_workers)
+        worker_common += ["--cpu-threads", str(threads)]
     workers = []
     for name, role, count in roles:
         for i in range(count):
