@@ -6,7 +6,8 @@ checkpoints and the kvstore. A payload is JSON-able metadata plus raw block byte
     data = block[first_block] | block[first_block+1] | ...      (num_blocks blocks)
     block = K and V of every layer: [layers, 2, block_size, kv_heads, head_dim] in `layout.dtype`
 
-`chunks()` cuts the bytes into pieces of at most 4 MiB for gRPC streams; `from_chunks()` joins them
+`chunks()` cuts the bytes into pieces of at most 4 MiB for gRPC streams (bytes: protobuf takes no
+memoryview); `from_chunks()` joins them (one bytes/bytearray piece is taken as is, without a copy)
 and refuses a truncated or oversized payload. `KVLayout.check()` names the first field that differs.
 """
 from __future__ import annotations
@@ -68,7 +69,7 @@ class KVPayload:
     first_block: int                  # index in the request's block table of the first block here
     num_blocks: int
     block_keys: tuple[str, ...]       # hex keys of this payload's full blocks, in order
-    data: bytes = b""
+    data: bytes | bytearray = b""     # bytearray when assembled from a stream (read_stages)
 
     def __post_init__(self) -> None:
         if not all(type(t) is int for t in self.token_ids):
@@ -112,14 +113,17 @@ class KVPayload:
             yield bytes(view[start:start + max_bytes])
 
     @classmethod
-    def from_chunks(cls, meta: dict, chunks: Iterable[bytes]) -> KVPayload:
+    def from_chunks(cls, meta: dict, chunks: Iterable[bytes | bytearray]) -> KVPayload:
+        parts = list(chunks)
+        one = len(parts) == 1 and type(parts[0]) in (bytes, bytearray)
+        data = parts[0] if one else b"".join(parts)     # a single piece: no copy
         try:
             layout = KVLayout(**meta["layout"])
             params = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()})
             rest = {k: v for k, v in meta.items() if k not in ("layout", "params")}
             rest["token_ids"] = tuple(rest["token_ids"])
             rest["block_keys"] = tuple(rest["block_keys"])
-            return cls(layout=layout, params=params, data=b"".join(chunks), **rest)
+            return cls(layout=layout, params=params, data=data, **rest)
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed KV payload metadata: {e}") from None
 
