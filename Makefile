@@ -41,9 +41,13 @@ test:
 test-fast:
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
+# Engine speed, P→D KV transfer (gRPC vs raw TCP; TTFT with/without disaggregation), and the serving
+# stack under the scaled Azure conversation trace, disaggregated vs colocated. Reports: docs/benchmarks/.
 bench:
 	mkdir -p bench/out
 	$(PY) bench/engine.py --device cpu --json bench/out/engine_cpu.json
+	HF_HUB_OFFLINE=1 $(PY) bench/kv_transfer.py --json bench/out/kv_transfer.json
+	HF_HUB_OFFLINE=1 $(PY) bench/serving.py --json bench/out/serving.json
 
 lint:
 	@if $(PY) -m ruff --version >/dev/null 2>&1; then \

@@ -23,6 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# glibc malloc settings for the children: large KV buffers reuse memory instead of being mmapped and
+# page-faulted afresh for every message. Measured by bench/kv_transfer.py: gRPC KV streaming 2.5x
+# faster with these (0.25 -> 0.64 GB/s before the stream code itself was tuned). An env var set by
+# the user wins.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824",
+              "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--cpu-threads", type=int, default=0,
                    help="torch threads per CPU worker (0: the cores shared out among the workers)")
-    p.add_argument("--kvstore-capacity-gb", type=float, default=1.0)
+    p.add_argument("--kvstore-capacity-gb", type=float, default=0.5, help="memory of the shared KV store")
     p.add_argument("--no-kvstore", action="store_true", help="run without the shared KV store")
     p.add_argument("--no-redis", action="store_true", help="keep scheduler state in memory only")
     p.add_argument("--log-dir", type=Path, default=None, help="process logs (default: a temporary folder)")
@@ -69,7 +75,7 @@ class Stack:
 
     def start(self, name: str, argv: list[str], wait_port: int | None = None, timeout: float = 120) -> None:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+        env = {**MALLOC_ENV, **os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL,
