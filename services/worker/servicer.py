@@ -32,6 +32,7 @@ from services.worker.requests import sampling_params, validate_prefill
 from services.worker.token_pusher import TokenPusher
 
 log = logging.getLogger(__name__)
+ADMIT_TIMEOUT_S = 600.0          # an admitted request with no KV after this long is dropped
 
 
 @dataclass(eq=False)
@@ -41,6 +42,7 @@ class Flight:
     prefill_done: asyncio.Future
     num_cached_tokens: int = 0
     decode_address: str = ""
+    kv_started: bool = False             # decode role: the first KV stage arrived
     stages: StageQueue | None = None
     sender: asyncio.Task | None = None
 
@@ -150,9 +152,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if blocks > self.engine.kv.pool.num_blocks:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{rid} can grow to {blocks} KV blocks; this worker has {self.engine.kv.pool.num_blocks}")
-        self.flights[rid] = Flight(Tracked(rid, request.sink_address, hand_off=False),
-                                   asyncio.get_running_loop().create_future())
+        flight = Flight(Tracked(rid, request.sink_address, hand_off=False),
+                        asyncio.get_running_loop().create_future())
+        self.flights[rid] = flight
+        asyncio.get_running_loop().call_later(ADMIT_TIMEOUT_S, self._expire_admission, flight)
         return worker_pb2.AdmitReply()
+
+    def _expire_admission(self, flight: Flight) -> None:
+        """An admitted request whose KV never came (its prefill worker died) must not stay forever."""
+        rid = flight.tracked.request_id
+        if self.flights.get(rid) is flight and not flight.kv_started:
+            log.warning("%s: no KV arrived %.0f s after Admit; dropping it", rid, ADMIT_TIMEOUT_S)
+            self._forget(rid)
 
     async def PushKV(self, request_iterator, context) -> worker_pb2.PushKVReply:
         rid, num_blocks, resumed = "", 0, False
@@ -163,6 +174,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if flight is None:
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                         f"{rid} was not admitted here (call Admit first)")
+                flight.kv_started = True
                 num_blocks += payload.num_blocks
                 resumed = await self.loop.call(self._import, payload, flight.tracked)
         except (ValueError, TypeError, KVLayoutMismatch) as e:
