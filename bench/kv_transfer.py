@@ -33,6 +33,7 @@ import json
 import os
 import resource
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -561,7 +562,6 @@ def random_prompt(seed: int, length: int) -> list[int]:
 
 
 def run_ttft(args) -> dict:
-    import httpx
     lengths = [int(x) for x in args.prompt_lens.split(",")]
     n = args.requests or (2 if args.quick else 5)
     env = malloc_env(args)
@@ -569,6 +569,16 @@ def run_ttft(args) -> dict:
     result: dict = {"requests": n, "max_tokens": args.max_tokens, "stack_env": env, "stack_args": args.stack_args,
                     "modes": {}, "rows": []}
     log_root = Path(tempfile.mkdtemp(prefix="kv-transfer-ttft-"))
+    try:
+        _run_ttft_modes(args, modes, lengths, n, env, log_root, result)
+    finally:
+        if not args.keep_logs:
+            shutil.rmtree(log_root, ignore_errors=True)
+    return result
+
+
+def _run_ttft_modes(args, modes, lengths, n, env, log_root: Path, result: dict) -> None:
+    import httpx
     for mode, colocated in modes:
         t_start = time.perf_counter()
         stack = UpStack(colocated, log_root / mode, env, shlex.split(args.stack_args))
@@ -615,7 +625,6 @@ def run_ttft(args) -> dict:
         for length, per in m["cpu_s_per_request"].items():
             print(f"  {length}-token prompt, CPU s per request: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in per.items() if v >= 0.005))
-    return result
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -629,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {','.join(CASES)}; --quick: {','.join(QUICK_CASES)})")
     t = p.add_argument_group("ttft")
     t.add_argument("--prompt-lens", default="1024,4096", help="prompt lengths in tokens")
+    t.add_argument("--keep-logs", action="store_true", help="keep the stacks' logs (default: removed at the end)")
     t.add_argument("--requests", type=int, default=0, help="timed requests per length and mode (default 5)")
     t.add_argument("--max-tokens", type=int, default=16)
     t.add_argument("--stack-args", default="", help="extra `ferry up` options for both stacks, e.g. "
