@@ -42,6 +42,34 @@ class InstanceSpec:
         return math.ceil(num_tokens / self.block_size) if self.block_size > 0 else 0
 
 
+class Priority(enum.Enum):
+    """A request's priority class. HIGH gets KV headroom normal requests cannot take and is never a
+    migration victim; LOW is moved first."""
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+class RequestPhase(enum.Enum):
+    WAITING = "waiting"          # queued, or preempted and waiting to be recomputed
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    MIGRATING = "migrating"      # decoding while its KV is copied elsewhere
+    ARRIVING = "arriving"        # admitted here; its KV is still arriving
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLoad:
+    """One request on an instance, as its last heartbeat reported it."""
+    request_id: str
+    phase: RequestPhase
+    num_tokens: int = 0          # prompt + generated so far
+    num_blocks: int = 0          # KV blocks held on the instance
+    priority: Priority = Priority.NORMAL
+    arrival: int = 0             # admission order on the instance (larger = later)
+    max_tokens: int = 0          # tokens it may still generate
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerLoad:
     """An instance's load as its last heartbeat reported it (all zero before the first one).
@@ -56,6 +84,8 @@ class WorkerLoad:
     num_cached_blocks: int = 0
     num_preemptions: int = 0
     draining: bool = False
+    requests: tuple[RequestLoad, ...] = ()     # every request on the instance
+    num_waiting_tokens: int = 0                # uncomputed prompt tokens of waiting requests
 
     @property
     def num_queued(self) -> int:
@@ -117,6 +147,7 @@ class RouteRequest:
     block_keys: tuple[bytes, ...] = ()   # chained keys of the prompt's full blocks (block_keys.py)
     num_prompt_tokens: int = 0
     max_tokens: int = 0
+    priority: Priority = Priority.NORMAL
 
     @property
     def num_total_tokens(self) -> int:
@@ -139,3 +170,19 @@ class Route:
 class NoRoute:
     """No instance can take the request; `reason` says why in words an operator can act on."""
     reason: str
+
+
+class MigrationReason(enum.Enum):
+    LOAD_BALANCE = "load_balance"          # from the least free instance to the most free
+    DEFRAGMENTATION = "defragmentation"    # make room for a queued request that fits nowhere
+    PRIORITY = "priority"                  # restore headroom for high-priority requests
+    DRAIN = "drain"                        # empty an instance (scale-down, preemption)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """A decision: live-migrate one running request from one decode instance to another."""
+    request_id: str
+    source_id: str
+    destination_id: str
+    reason: MigrationReason

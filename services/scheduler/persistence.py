@@ -21,17 +21,19 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.common.cluster import InstanceSpec, InstanceState, Role, WorkerLoad
+from services.common.cluster import InstanceSpec, InstanceState, Priority, RequestLoad, RequestPhase, Role, WorkerLoad
 
 log = logging.getLogger("ferry.scheduler.persistence")
 HASH_KEY = "ferry:instances"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TIMEOUT_S = 2.0
 
 
 def encode(state: InstanceState) -> str:
     spec = dataclasses.asdict(state.spec) | {"role": state.spec.role.value}
-    return json.dumps({"v": FORMAT_VERSION, "spec": spec, "load": dataclasses.asdict(state.load),
+    load = dataclasses.asdict(state.load) | {"requests": [
+        dataclasses.asdict(r) | {"phase": r.phase.value, "priority": r.priority.value} for r in state.load.requests]}
+    return json.dumps({"v": FORMAT_VERSION, "spec": spec, "load": load,
                        "last_heartbeat": state.last_heartbeat}, sort_keys=True)
 
 
@@ -42,7 +44,10 @@ def decode(raw: str | bytes) -> InstanceState:
         if data.get("v") != FORMAT_VERSION:
             raise ValueError(f"format version {data.get('v')!r}, expected {FORMAT_VERSION}")
         spec = InstanceSpec(**(data["spec"] | {"role": Role(data["spec"]["role"])}))
-        return InstanceState(spec, WorkerLoad(**data["load"]), float(data["last_heartbeat"]))
+        requests = tuple(RequestLoad(**(r | {"phase": RequestPhase(r["phase"]), "priority": Priority(r["priority"])}))
+                         for r in data["load"]["requests"])
+        load = WorkerLoad(**(data["load"] | {"requests": requests}))
+        return InstanceState(spec, load, float(data["last_heartbeat"]))
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
         raise ValueError(f"unreadable instance entry: {e}") from None
 
