@@ -143,11 +143,10 @@ def child_grpc_recv(args) -> None:
 
     class Receiver(worker_pb2_grpc.WorkerServicer):
         async def PushKV(self, request_iterator, context):
-            num_blocks, final = 0, False
+            num_blocks = 0
             async for payload in read_stages(request_iterator):      # KVPayload.from_chunks per stage
                 num_blocks += payload.num_blocks
-                final = payload.is_final
-            return worker_pb2.PushKVReply(resumed=final, num_blocks=num_blocks)
+                yield worker_pb2.PushKVReply(resumed=payload.is_final, num_blocks=num_blocks)
 
     async def main() -> None:
         server = aio_server()
@@ -174,7 +173,8 @@ def child_grpc_send(args) -> None:
                 for chunk in (stage_chunks(stage, args.chunk_bytes) if args.chunk_bytes else stage_chunks(stage)):
                     yield chunk
         t0 = time.perf_counter()
-        r = await stub.PushKV(chunks())
+        async for r in stub.PushKV(chunks()):      # one reply per stage; the last says resumed
+            pass
         dt = time.perf_counter() - t0
         assert r.resumed and r.num_blocks == sum(s.num_blocks for s in stages), r
         return dt

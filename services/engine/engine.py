@@ -52,6 +52,8 @@ class BaseEngine(ABC):
                                        self.kv)
         self.seqs: dict[str, Sequence] = {}
         self._staged: dict[str, list[int]] = {}       # request id -> blocks of an import in progress
+        self._reserved: dict[str, list[int]] = {}     # request id -> blocks set aside for its import
+        self._suspended: dict[str, Sequence] = {}     # running requests paused for a stop-and-copy
         self._arrivals = count()
         self._random = random.Random(config.seed)
         self.num_preemptions = 0
@@ -66,7 +68,7 @@ class BaseEngine(ABC):
         self.scheduler.add(seq)
 
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        if request_id in self.seqs or request_id in self._staged:
+        if request_id in self.seqs or request_id in self._staged or request_id in self._reserved:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt:
             raise ValueError("the prompt is empty: send at least one token")
@@ -81,15 +83,48 @@ class BaseEngine(ABC):
                              f"{self.kv.pool.num_blocks}; lower max_tokens")
 
     def abort(self, request_id: str) -> bool:
-        """End a request and free its blocks (also an import in progress). False if unknown."""
+        """End a request and free its blocks (also an import in progress or a reservation). False if
+        unknown."""
         staged = self._staged.pop(request_id, None)
         if staged is not None:
             self.kv.pool.free(reversed(staged))
+        reserved = self._reserved.pop(request_id, None)
+        if reserved is not None:
+            self.kv.pool.free(reserved)
+        self._suspended.pop(request_id, None)
         seq = self.seqs.pop(request_id, None)
         if seq is None:
-            return staged is not None
+            return staged is not None or reserved is not None
         self.scheduler.finish(seq, FinishReason.ABORT)
         return True
+
+    # ---- live migration -------------------------------------------------------------------
+    def reserve(self, request_id: str, num_blocks: int) -> None:
+        """Set `num_blocks` free blocks aside for a request about to be imported (the destination of a
+        migration reserves before the first stage is sent). OutOfBlocks when they are not free."""
+        if request_id in self.seqs or request_id in self._staged or request_id in self._reserved:
+            raise ValueError(f"request id {request_id!r} is already in use here")
+        self._reserved[request_id] = self.kv.pool.allocate(num_blocks)
+
+    def suspend(self, request_id: str) -> None:
+        """Pause a decoding request (stop-and-copy): it keeps its blocks but is not scheduled until
+        `resume` or `abort`. ValueError unless it is running and decoding."""
+        seq = self.seqs.get(request_id)
+        if seq is None or seq not in self.scheduler.running or seq.is_prefilling:
+            state = "unknown" if seq is None else seq.status.value + (" (prefilling)" if seq.is_prefilling else "")
+            raise ValueError(f"{request_id} cannot be suspended: it is {state}, not decoding")
+        self.scheduler.running.remove(seq)
+        self._suspended[request_id] = seq
+
+    def resume(self, request_id: str) -> None:
+        """Put a suspended request back into the running batch (a migration that failed)."""
+        seq = self._suspended.pop(request_id)
+        running = self.scheduler.running
+        at = next((i for i, other in enumerate(running) if other.arrival > seq.arrival), len(running))
+        running.insert(at, seq)           # its place in admission order (preemption takes the latest)
+
+    def is_suspended(self, request_id: str) -> bool:
+        return request_id in self._suspended
 
     @property
     def has_unfinished(self) -> bool:
@@ -173,6 +208,9 @@ class BaseEngine(ABC):
             self._staged[rid] = staged
             return False
         self._staged.pop(rid, None)
+        leftover = self._reserved.pop(rid, None)
+        if leftover:
+            self.kv.pool.free(leftover)
         seq = Sequence(rid, list(payload.token_ids), payload.num_prompt_tokens, payload.params,
                        payload.seed, self.layout.block_size, arrival=next(self._arrivals),
                        num_computed_tokens=payload.num_computed_tokens, block_ids=staged)
@@ -188,11 +226,14 @@ class BaseEngine(ABC):
         hits = [pool.cached.get(k) for k in keys] + [None] * (payload.num_blocks - len(keys))
         num_new = sum(1 for h in hits if h is None)
         num_revived = sum(1 for h in hits if h is not None and pool.ref_counts[h] == 0)
-        if num_new + num_revived > pool.num_free:
-            raise OutOfBlocks(f"{payload.request_id}: {num_new + num_revived} free KV blocks needed, "
-                              f"{pool.num_free} available")
+        reserved = self._reserved.get(payload.request_id, [])
+        from_reserve = min(num_new, len(reserved))
+        if num_new - from_reserve + num_revived > pool.num_free:
+            raise OutOfBlocks(f"{payload.request_id}: {num_new - from_reserve + num_revived} free KV blocks "
+                              f"needed, {pool.num_free} available")
         pool.touch(h for h in hits if h is not None)
-        fresh = iter(pool.allocate(num_new))
+        taken, reserved[:] = reserved[:from_reserve], reserved[from_reserve:]
+        fresh = iter(taken + pool.allocate(num_new - from_reserve))
         block_ids = [h if h is not None else next(fresh) for h in hits]
         write = [i for i, h in enumerate(hits) if h is None]
         if write:
@@ -227,10 +268,32 @@ class BaseEngine(ABC):
     def write_block_tensor(self, block_ids: list[int], data: torch.Tensor) -> None:
         """Store [n, layers, 2, block_size, kv_heads, head_dim] into blocks."""
 
+    def request_loads(self) -> list[tuple[str, str, int, int, int, int]]:
+        """(request id, phase, tokens, blocks held, arrival, tokens it may still generate) of every
+        request here; phase is waiting | prefilling | decoding | suspended | arriving."""
+        rows = []
+        for rid, seq in self.seqs.items():
+            if rid in self._suspended:
+                phase = "suspended"
+            elif seq.status.value == "waiting":
+                phase = "waiting"
+            else:
+                phase = "prefilling" if seq.is_prefilling else "decoding"
+            rows.append((rid, phase, seq.num_tokens, len(seq.block_ids), seq.arrival,
+                         seq.params.max_tokens - seq.num_output_tokens))
+        for rid, blocks in self._staged.items():
+            rows.append((rid, "arriving", 0, len(blocks) + len(self._reserved.get(rid, ())), 0, 0))
+        for rid, blocks in self._reserved.items():
+            if rid not in self._staged:
+                rows.append((rid, "arriving", 0, len(blocks), 0, 0))
+        return rows
+
     @property
     def stats(self) -> dict[str, int]:
         pool = self.kv.pool
-        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+        return {"num_running": len(self.scheduler.running) + len(self._suspended),
+                "num_waiting": len(self.scheduler.waiting),
+                "num_waiting_tokens": sum(s.num_uncomputed_tokens for s in self.scheduler.waiting),
                 "num_blocks": pool.num_blocks, "num_free_blocks": pool.num_free,
                 "num_cached_blocks": len(pool.cached), "num_preemptions": self.num_preemptions}
 

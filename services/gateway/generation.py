@@ -61,6 +61,7 @@ class Generation:
         self.num_cached_tokens = 0
         self.finished = False
         self._workers: list[str] = []
+        self._stream = None
         self._prefill: asyncio.Task | None = None
         self._first: TokenDelta | None = None
 
@@ -79,7 +80,7 @@ class Generation:
             raise GenerationError(f"no worker can take the request now: {e}", 503, "service_unavailable") from None
         decode_address = decode.address if decode.address != prefill.address else ""
         self._workers = [prefill.address] + ([decode_address] if decode_address else [])
-        stream = self.sink.open(self.request_id)
+        stream = self._stream = self.sink.open(self.request_id)
         stub = worker_pb2_grpc.WorkerStub(self.channels(prefill.address))
         request = worker_pb2.PrefillRequest(
             request_id=self.request_id, prompt_token_ids=plan.prompt_token_ids, sampling=plan.sampling,
@@ -154,7 +155,8 @@ class Generation:
         self.sink.close(self.request_id)
         if self._prefill is not None and not self._prefill.done():
             self._prefill.cancel()
-        await self._in_background(self._abort_on_workers(self._workers))
+        others = sorted(self._stream.workers - set(self._workers)) if self._stream is not None else []
+        await self._in_background(self._abort_on_workers(self._workers + others))
 
     @staticmethod
     async def _in_background(coro) -> None:

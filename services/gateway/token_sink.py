@@ -29,6 +29,7 @@ class OutputStream:
         self._next = 0
         self._early: dict[int, token_sink_pb2.TokenEvent] = {}
         self.finished = False
+        self.workers: set[str] = set()       # workers that sent tokens (a migrated request has several)
 
     def feed(self, event: token_sink_pb2.TokenEvent) -> None:
         if self.finished:
@@ -80,6 +81,8 @@ class TokenSink(token_sink_pb2_grpc.TokenSinkServicer):
             for event in batch.events:
                 stream = self.streams.get(event.request_id)
                 if stream is not None:                  # unknown: the client left; the worker is told
+                    if batch.worker_address:
+                        stream.workers.add(batch.worker_address)
                     stream.feed(event)
         return token_sink_pb2.PushReply()
 

@@ -38,7 +38,9 @@ class EngineLoop:
         self._on_failure = on_failure
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._stopped = False
-        self.stats: dict[str, int] = dict(engine.stats)      # refreshed after every step (read anywhere)
+        self.stats: dict[str, int] = {}          # refreshed after every step and command batch (read anywhere)
+        self.requests: list[tuple] = []          # engine.request_loads(), refreshed alike
+        self._snapshot()
         self.num_steps = 0
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -69,7 +71,7 @@ class EngineLoop:
                 self._loop.call_soon_threadsafe(self._on_failure, e)
                 continue
             self.num_steps += 1
-            self.stats = dict(self.engine.stats)
+            self._snapshot()
             self._loop.call_soon_threadsafe(self._on_outputs, result)
 
     def _run_commands(self, block: bool) -> None:
@@ -88,7 +90,11 @@ class EngineLoop:
                 item = self._commands.get_nowait()
             except queue.Empty:
                 break
+        self._snapshot()
+
+    def _snapshot(self) -> None:
         self.stats = dict(self.engine.stats)
+        self.requests = self.engine.request_loads()
 
 
 def _settle(future: asyncio.Future, result: Any, error: Exception | None) -> None:

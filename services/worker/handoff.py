@@ -24,6 +24,7 @@ class Tracked:
     request_id: str
     sink: str
     hand_off: bool                       # the KV goes to a decode worker after the first token
+    priority: int = 0                    # common_pb2.Priority
     num_store_blocks: int = 0            # leading prompt blocks the kvstore already has
     sent_blocks: int = 0                 # blocks already staged to the decode worker
 

@@ -5,6 +5,7 @@
                 returns when the first token is out and the KV handed off.
     Admit    -> (decode role) remember where the request's tokens go.
     PushKV   -> (decode role) import stages; the request resumes decoding after the final one.
+    Migrate  -> (decode role) live-migrate a decoding request to another decode worker (migration.py).
     Abort / Drain / Stats.
 
 Tokens of every request this worker runs go to its gateway's TokenSink, one batch per step.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import grpc
@@ -28,11 +30,16 @@ from services.kvstore.client import KVStoreClient
 from services.worker.engine_loop import EngineLoop
 from services.worker.handoff import StepResult, Tracked, after_step
 from services.worker.kv_stream import StageQueue, read_stages
+from services.worker.migration import MigrationFailed, migrate
 from services.worker.requests import sampling_params, validate_prefill
 from services.worker.token_pusher import TokenPusher
 
 log = logging.getLogger(__name__)
 ADMIT_TIMEOUT_S = 600.0          # an admitted request with no KV after this long is dropped
+MOVED_MEMORY = 10_000            # migrated-away request ids remembered, to forward a late Abort
+PHASES = {"waiting": common_pb2.REQUEST_PHASE_WAITING, "prefilling": common_pb2.REQUEST_PHASE_PREFILLING,
+          "decoding": common_pb2.REQUEST_PHASE_DECODING, "suspended": common_pb2.REQUEST_PHASE_MIGRATING,
+          "arriving": common_pb2.REQUEST_PHASE_ARRIVING}
 
 
 @dataclass(eq=False)
@@ -49,10 +56,11 @@ class Flight:
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: BaseEngine, *, instance_id: str, role: int,
-                 kvstore: KVStoreClient | None) -> None:
+                 kvstore: KVStoreClient | None, address: str = "") -> None:
         self.engine = engine
         self.instance_id = instance_id
         self.role = role
+        self.address = address
         self.kvstore = kvstore
         self.namespace = "/".join(str(v) for v in (engine.layout.model_id, engine.layout.dtype,
                                                    engine.layout.block_size, engine.layout.num_layers,
@@ -60,7 +68,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.draining = False
         self.tracked: dict[str, Tracked] = {}       # read on the engine thread; changed between steps
         self.flights: dict[str, Flight] = {}
-        self.pusher = TokenPusher()
+        self.migrations: dict[str, tuple[asyncio.Task, str]] = {}   # outgoing: request id -> (task, destination)
+        self.moved: OrderedDict[str, str] = OrderedDict()       # request id -> where it migrated to
+        self.pusher = TokenPusher(address)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.loop = EngineLoop(engine, asyncio.get_running_loop(),
                                lambda eng, outs: after_step(eng, outs, self.tracked, self.kvstore is not None),
@@ -83,11 +93,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         hand_off = bool(request.decode_address)
         prompt = list(request.prompt_token_ids)
         if hand_off:
-            await self._admit_on(request.decode_address, rid, request.sink_address,
-                                 len(prompt) + params.max_tokens, context)
+            await self._admit_on(request.decode_address, worker_pb2.AdmitRequest(
+                request_id=rid, sink_address=request.sink_address, num_tokens=len(prompt) + params.max_tokens,
+                priority=request.priority), context)
         keys = chain_keys(prompt, self.engine.layout.block_size)[:(len(prompt) - 1) // self.engine.layout.block_size]
         num_store, fetched = await self._fetch_prefix(keys)
-        tracked = Tracked(rid, request.sink_address, hand_off, num_store_blocks=num_store)
+        tracked = Tracked(rid, request.sink_address, hand_off, priority=request.priority,
+                          num_store_blocks=num_store)
         flight = Flight(tracked, asyncio.get_running_loop().create_future(),
                         decode_address=request.decode_address)
         self.flights[rid] = flight
@@ -112,14 +124,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await self._abort(rid)
             raise
 
-    async def _admit_on(self, address: str, rid: str, sink: str, num_tokens: int, context) -> None:
+    async def _admit_on(self, address: str, admit: worker_pb2.AdmitRequest, context) -> None:
         stub = worker_pb2_grpc.WorkerStub(self._channel(address))
         try:
-            await stub.Admit(worker_pb2.AdmitRequest(request_id=rid, sink_address=sink, num_tokens=num_tokens),
-                             timeout=10)
+            await stub.Admit(admit, timeout=10)
         except grpc.aio.AioRpcError as e:
             code = e.code() if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"decode worker {address} did not admit {rid}: {e.details()}")
+            await context.abort(code, f"decode worker {address} did not admit {admit.request_id}: {e.details()}")
 
     async def _fetch_prefix(self, keys: list[bytes]) -> tuple[int, torch.Tensor | None]:
         """Blocks the kvstore has beyond this worker's own prefix cache: (store prefix length, data)."""
@@ -152,7 +163,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if blocks > self.engine.kv.pool.num_blocks:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{rid} can grow to {blocks} KV blocks; this worker has {self.engine.kv.pool.num_blocks}")
-        flight = Flight(Tracked(rid, request.sink_address, hand_off=False),
+        if request.reserve_blocks:
+            try:
+                await self.loop.call(lambda e: e.reserve(rid, request.reserve_blocks))
+            except (OutOfBlocks, ValueError) as e:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"cannot reserve {request.reserve_blocks} KV blocks for {rid}: {e}")
+        flight = Flight(Tracked(rid, request.sink_address, hand_off=False, priority=request.priority),
                         asyncio.get_running_loop().create_future())
         self.flights[rid] = flight
         asyncio.get_running_loop().call_later(ADMIT_TIMEOUT_S, self._expire_admission, flight)
@@ -165,7 +182,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             log.warning("%s: no KV arrived %.0f s after Admit; dropping it", rid, ADMIT_TIMEOUT_S)
             self._forget(rid)
 
-    async def PushKV(self, request_iterator, context) -> worker_pb2.PushKVReply:
+    async def PushKV(self, request_iterator, context):
         rid, num_blocks, resumed = "", 0, False
         try:
             async for payload in read_stages(request_iterator):
@@ -177,6 +194,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 flight.kv_started = True
                 num_blocks += payload.num_blocks
                 resumed = await self.loop.call(self._import, payload, flight.tracked)
+                yield worker_pb2.PushKVReply(resumed=resumed, num_blocks=num_blocks)
+                if resumed:
+                    return
         except (ValueError, TypeError, KVLayoutMismatch) as e:
             await self._abort(rid)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -186,16 +206,59 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except asyncio.CancelledError:
             await self._abort(rid)
             raise
-        if not resumed:
-            await self._abort(rid)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: the stream ended before the final stage")
-        return worker_pb2.PushKVReply(resumed=True, num_blocks=num_blocks)
+        await self._abort(rid)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: the stream ended before the final stage")
 
     def _import(self, engine: BaseEngine, payload, tracked: Tracked) -> bool:
         resumed = engine.import_kv(payload)
         if resumed:
             self.tracked[payload.request_id] = tracked
         return resumed
+
+    # ---- Migrate (decode role, source side) -----------------------------------------------
+    async def Migrate(self, request: worker_pb2.MigrateRequest, context) -> worker_pb2.MigrateReply:
+        rid, destination = request.request_id, request.destination_address
+        if not rid or not destination:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Migrate needs request_id and destination_address")
+        if destination == self.address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: the destination is this worker")
+        flight = self.flights.get(rid)
+        if flight is None or rid not in self.tracked:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{rid} is not running on {self.instance_id}")
+        if rid in self.migrations:
+            return worker_pb2.MigrateReply(migrated=False, reason=f"{rid} is already migrating")
+        tracked = flight.tracked
+        admit = worker_pb2.AdmitRequest(request_id=rid, sink_address=tracked.sink, priority=tracked.priority)
+        task = asyncio.create_task(self._migrate(request, admit))
+        self.migrations[rid] = (task, destination)
+        try:
+            return await asyncio.shield(task)       # a caller that gives up does not undo a migration
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
+            return worker_pb2.MigrateReply(migrated=False, reason=f"{rid} was aborted during the migration")
+
+    async def _migrate(self, request: worker_pb2.MigrateRequest, admit: worker_pb2.AdmitRequest):
+        rid, destination = request.request_id, request.destination_address
+        stub = worker_pb2_grpc.WorkerStub(self._channel(destination))
+        try:
+            reply = await migrate(self.loop, stub, request, admit)
+            await self.loop.call(lambda e: e.abort(rid))     # it runs on the destination now
+        except MigrationFailed as e:
+            log.info("migration of %s to %s failed: %s", rid, destination, e)
+            return worker_pb2.MigrateReply(migrated=False, reason=str(e))
+        finally:
+            self.migrations.pop(rid, None)
+        self._forget(rid)
+        self._remember_move(rid, destination)
+        log.info("migrated %s to %s: %d blocks in %d stages, %.1f ms down", rid, destination,
+                 reply.num_blocks, reply.num_stages, reply.downtime_s * 1e3)
+        return reply
+
+    def _remember_move(self, rid: str, destination: str) -> None:
+        self.moved[rid] = destination
+        while len(self.moved) > MOVED_MEMORY:
+            self.moved.popitem(last=False)
 
     # ---- after each step (event loop) -----------------------------------------------------
     def _on_step(self, result: StepResult) -> None:
@@ -231,8 +294,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def _push_kv(self, flight: Flight) -> None:
         rid = flight.tracked.request_id
         stub = worker_pb2_grpc.WorkerStub(self._channel(flight.decode_address))
+        reply = worker_pb2.PushKVReply()
         try:
-            reply = await stub.PushKV(flight.stages.chunks())
+            async for reply in stub.PushKV(flight.stages.chunks()):
+                pass
         except grpc.aio.AioRpcError as e:
             await self._abort(rid)
             message = f"KV transfer of {rid} to {flight.decode_address} failed: {e.details()}"
@@ -267,6 +332,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def _abort(self, rid: str) -> bool:
         if not rid:
             return False
+        elsewhere = self.moved.pop(rid, None)       # it migrated away: the abort follows it
+        migration = self.migrations.pop(rid, None)
+        if migration is not None:                   # stop it; the destination may hold a copy already
+            migration[0].cancel()
+            elsewhere = migration[1]
         flight = self.flights.get(rid)
         self._forget(rid)
         if flight is not None:
@@ -274,7 +344,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 flight.sender.cancel()
             _settle(flight.prefill_done, error=(grpc.StatusCode.CANCELLED, f"{rid} was aborted"))
         found = await self.loop.call(lambda e: e.abort(rid))
+        if elsewhere is not None:
+            found = await self._abort_on(elsewhere, rid) or found
         return found or flight is not None
+
+    async def _abort_on(self, address: str, rid: str) -> bool:
+        stub = worker_pb2_grpc.WorkerStub(self._channel(address))
+        try:
+            return (await stub.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=5)).found
+        except grpc.aio.AioRpcError:
+            return False
 
     def _forget(self, rid: str) -> None:
         self.flights.pop(rid, None)
@@ -292,7 +371,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return common_pb2.WorkerLoad(num_running=s["num_running"], num_waiting=s["num_waiting"],
                                      num_blocks=s["num_blocks"], num_free_blocks=s["num_free_blocks"],
                                      num_cached_blocks=s["num_cached_blocks"],
-                                     num_preemptions=s["num_preemptions"], draining=self.draining)
+                                     num_preemptions=s["num_preemptions"], draining=self.draining,
+                                     num_waiting_tokens=s["num_waiting_tokens"], requests=self._request_loads())
+
+    def _request_loads(self) -> list[common_pb2.RequestLoad]:
+        rows = []
+        for rid, phase, num_tokens, num_blocks, arrival, max_tokens in self.loop.requests:
+            flight = self.flights.get(rid)
+            if phase == "decoding" and rid in self.migrations:
+                phase = "suspended"
+            rows.append(common_pb2.RequestLoad(
+                request_id=rid, phase=PHASES[phase], num_tokens=num_tokens, num_blocks=num_blocks,
+                priority=flight.tracked.priority if flight else 0, arrival=arrival, max_tokens=max_tokens))
+        return rows
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:

@@ -20,7 +20,8 @@ RETRY_DELAY_S = 0.2
 
 
 class TokenPusher:
-    def __init__(self) -> None:
+    def __init__(self, worker_address: str = "") -> None:
+        self.worker_address = worker_address      # sent with every batch: the gateway aborts there
         self._queues: dict[str, asyncio.Queue[pb.TokenBatch]] = {}
         self._tasks: dict[str, asyncio.Task] = {}
 
@@ -30,7 +31,7 @@ class TokenPusher:
         if sink not in self._queues:
             self._queues[sink] = asyncio.Queue()
             self._tasks[sink] = asyncio.create_task(self._stream(sink), name=f"tokens->{sink}")
-        self._queues[sink].put_nowait(pb.TokenBatch(events=events))
+        self._queues[sink].put_nowait(pb.TokenBatch(events=events, worker_address=self.worker_address))
 
     async def _stream(self, sink: str) -> None:
         queue = self._queues[sink]

@@ -41,7 +41,7 @@ class FakeWorkers:
                 name = method.rsplit("/", 1)[1]
                 return lambda request, timeout=None: getattr(workers, name)(address, request)
 
-            def stream_unary(self, method, **_):
+            def stream_stream(self, method, **_):
                 return None                         # PushKV: not used by the gateway
         return Channel()
 
