@@ -5,12 +5,17 @@ KV export/import); `execute` advances a virtual clock by a roofline estimate of 
 deterministic placeholder tokens (a function of the request's seed and position, so a request that
 moves between engines continues the same sequence). Scale tests and the simulator use it.
 
+The clock is virtual by default (the simulator and unit tests run as fast as Python goes). With
+`realtime=True` (sim workers, `ferry serve decode --engine sim`) every step also takes its modeled time
+on the wall clock: `step` sleeps whatever the model says is left after the bookkeeping ran.
+
     step seconds = overhead + max(compute, memory)
     compute      = (2 * params * tokens + 4 * layers * hidden * sum(context of each token)) / flops
     memory       = (weight_bytes + kv_bytes_per_token * sum(context read)) / memory_bandwidth
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -18,7 +23,7 @@ import torch
 import yaml
 
 from services.engine.config import EngineConfig
-from services.engine.engine import BaseEngine
+from services.engine.engine import BaseEngine, RequestOutput
 from services.engine.kv_transfer import KVLayout
 from services.engine.sampling import step_seed
 from services.engine.step_scheduler import SchedulerOutput
@@ -74,9 +79,11 @@ SIM_LAYOUT = {"dtype": "float32", "num_layers": 1, "num_kv_heads": 1, "head_dim"
 
 
 class SimEngine(BaseEngine):
-    def __init__(self, config: EngineConfig, profile: SimProfile, num_blocks: int | None = None) -> None:
+    def __init__(self, config: EngineConfig, profile: SimProfile, num_blocks: int | None = None,
+                 realtime: bool = False) -> None:
         config.validate()
         self.profile = profile
+        self.realtime = realtime           # pace steps on the wall clock (sleep the modeled remainder)
         self.clock = 0.0                   # virtual seconds since start
         self.last_step_seconds = 0.0
         num_blocks = num_blocks or config.num_blocks or 4096
@@ -85,6 +92,16 @@ class SimEngine(BaseEngine):
         super().__init__(layout=layout, num_blocks=num_blocks, max_model_len=max_model_len,
                          vocab_size=profile.vocab_size, eos_token_ids=(), config=config)
         self.kv_blocks = torch.zeros(num_blocks, *layout.block_shape)
+
+    def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
+        self.last_step_seconds = 0.0       # an empty step costs nothing
+        outputs = super().step()
+        if self.realtime:
+            remaining = started + self.last_step_seconds - time.perf_counter()
+            if remaining > 0:
+                time.sleep(remaining)
+        return outputs
 
     def execute(self, scheduled: SchedulerOutput) -> list[int]:
         self.last_step_seconds = self.profile.step_seconds(scheduled)

@@ -3,6 +3,10 @@
     redis (if installed) ─ scheduler ─ kvstore ─ prefill ×N ─ decode ×M ─ gateway :8000
                                                  (or: worker ×K with --colocated)
 
+`--engine sim` gives every worker the sim engine (a performance model paced in real time, no weights):
+the stack starts in seconds and many cheap workers fit on one machine. The gateway still tokenizes with
+--model's tokenizer, and the workers serve under that folder's name.
+
 Children run in their own process group and die with this process (PR_SET_PDEATHSIG), so Ctrl-C,
 SIGTERM or a crash of `ferry up` leaves nothing behind. Logs go to --log-dir (one file per process).
 """
@@ -44,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-cache-memory-gb", type=float, default=0.5, help="KV cache of each worker")
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--engine", choices=("llm", "sim"), default="llm",
+                   help="what the workers run: the model, or the sim engine (performance model, no weights)")
+    p.add_argument("--sim-profile", default="llama3-8b-h100",
+                   help="sim engine: profile name (services/engine/profiles) or YAML path")
+    p.add_argument("--sim-num-blocks", type=int, default=0, metavar="N",
+                   help="sim engine: KV blocks of each worker (0: the engine's default)")
     p.add_argument("--cpu-threads", type=int, default=0,
                    help="torch threads per CPU worker (0: the cores shared out among the workers)")
     p.add_argument("--kvstore-capacity-gb", type=float, default=0.5, help="memory of the shared KV store")
@@ -146,7 +156,10 @@ def launch(args: argparse.Namespace, stack: Stack) -> str:
         worker_common += ["--kvstore-address", f"{h}:{kvstore_port}"]
     roles = [("worker", "both", args.decode)] if args.colocated else [
         ("prefill", "prefill", args.prefill), ("decode", "decode", args.decode)]
-    if args.device == "cpu":                   # share the cores instead of oversubscribing them
+    if args.engine == "sim":
+        worker_common += ["--engine", "sim", "--sim-profile", args.sim_profile,
+                          "--sim-num-blocks", str(args.sim_num_blocks), "--cpu-threads", str(args.cpu_threads or 1)]
+    elif args.device == "cpu":                 # share the cores instead of oversubscribing them
         num_workers = sum(count for _, _, count in roles)
         threads = args.cpu_threads or max(1, (os.cpu_count() or 1) // num_workers)
         worker_common += ["--cpu-threads", str(threads)]
@@ -192,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.prefill < 1 or args.decode < 1:
         print("ferry up: --prefill and --decode must be >= 1", file=sys.stderr)
         return 2
+    if args.sim_num_blocks < 0:
+        print("ferry up: --sim-num-blocks must be >= 0", file=sys.stderr)
+        return 2
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="ferry-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(args.host, log_dir)
@@ -202,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         url = launch(args, stack)
         model = Path(args.model).name
         mode = "colocated" if args.colocated else f"{args.prefill} prefill + {args.decode} decode"
+        if args.engine == "sim":
+            mode += f", sim engine {args.sim_profile}"
         print(f"Ferry is serving {model} ({mode}) at {url}  (logs: {log_dir})\n\n"
               f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "

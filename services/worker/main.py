@@ -2,10 +2,18 @@
 
     ferry serve decode --model models/SmolLM2-135M-Instruct --port 50062 \
         --scheduler-address 127.0.0.1:50050 --kvstore-address 127.0.0.1:50051
+
+`--engine sim` runs the sim engine instead of the model (no weights are loaded): each step takes the
+time that the `--sim-profile` performance model says, and emits placeholder token ids. Everything
+else (registration, Prefill/Admit/PushKV, KV hand-off with real bytes, Stats) is the same worker.
+`--model` then only names the served model and, when the folder has a config.json, caps the
+placeholder ids to its vocabulary so that the gateway's tokenizer can decode them.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -19,6 +27,7 @@ from services.gen.ferry.v1 import common_pb2, worker_pb2_grpc
 
 log = logging.getLogger("ferry.worker")
 ROLES = {"prefill": common_pb2.ROLE_PREFILL, "decode": common_pb2.ROLE_DECODE, "both": common_pb2.ROLE_BOTH}
+ENGINES = ("llm", "sim")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,12 +50,19 @@ class WorkerSettings:
     max_model_len: int = setting(0, "context length cap (0: the model's)")
     enable_prefix_caching: bool = setting(True, "reuse KV of shared prompt prefixes")
     cpu_threads: int = setting(0, "torch CPU threads (0: torch's default, all cores)")
+    engine: str = setting("llm", "llm (the model) or sim (a performance model paced in real time; no weights)")
+    sim_profile: str = setting("llama3-8b-h100", "sim engine: profile name (services/engine/profiles) or YAML path")
+    sim_num_blocks: int = setting(0, "sim engine: KV blocks (0: the engine's default, 4096)")
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role {self.role!r}: use one of {', '.join(ROLES)}")
-        if not (Path(self.model) / "config.json").is_file():
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine {self.engine!r}: use one of {', '.join(ENGINES)}")
+        if self.engine == "llm" and not (Path(self.model) / "config.json").is_file():
             raise ValueError(f"model folder {self.model!r} has no config.json (run `make install`, or pass --model)")
+        if self.sim_num_blocks < 0:
+            raise ValueError(f"sim_num_blocks {self.sim_num_blocks}: use 0 (the default) or a positive count")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is outside 0..65535")
 
@@ -63,8 +79,26 @@ def engine_config(s: WorkerSettings):
                         enable_prefix_caching=s.enable_prefix_caching, model_id=s.model_name)
 
 
+def build_engine(s: WorkerSettings):
+    """The worker's engine: the model (`llm`), or the sim engine paced in real time (`sim`)."""
+    if s.engine == "llm":
+        from services.engine.engine import LLMEngine
+        return LLMEngine(engine_config(s))
+    from services.engine.sim_engine import SimEngine, SimProfile
+    profile = SimProfile.load(s.sim_profile)
+    config_file = Path(s.model) / "config.json"
+    if config_file.is_file():
+        # Placeholder ids must be tokens of the served model: the gateway detokenizes them with its
+        # tokenizer (and prompts tokenized by it must pass the engine's vocabulary check).
+        vocab_size = json.loads(config_file.read_text()).get("vocab_size", profile.vocab_size)
+        if vocab_size < profile.vocab_size:
+            log.info("sim profile %s: vocab_size %d capped to %s's %d", profile.name, profile.vocab_size,
+                     s.model, vocab_size)
+            profile = dataclasses.replace(profile, vocab_size=vocab_size)
+    return SimEngine(engine_config(s), profile, num_blocks=s.sim_num_blocks or None, realtime=True)
+
+
 async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
-    from services.engine.engine import LLMEngine
     from services.kvstore.client import KVStoreClient
     from services.worker.registration import keep_registered
     from services.worker.servicer import WorkerServicer
@@ -72,7 +106,7 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
     if s.cpu_threads > 0:
         import torch
         torch.set_num_threads(s.cpu_threads)
-    engine = await asyncio.to_thread(LLMEngine, engine_config(s))
+    engine = await asyncio.to_thread(build_engine, s)
     kvstore = KVStoreClient(s.kvstore_address) if s.kvstore_address else None
     server = aio_server()
     port = bind(server, s.host, s.port)
@@ -86,8 +120,9 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
     # (a longer one is refused at Admit/add_request, so the gateway must not offer it, e.g. as the
     # default max_tokens of a chat request).
     max_model_len = min(engine.max_model_len, engine.kv.pool.num_blocks * engine.layout.block_size)
-    log.info("%s worker %s serving %s on %s (%d KV blocks, requests up to %d tokens)", s.role, instance_id,
-             s.model_name, address, engine.kv.pool.num_blocks, max_model_len)
+    log.info("%s worker %s serving %s on %s (%s engine, %d KV blocks, requests up to %d tokens)", s.role,
+             instance_id, s.model_name, address, s.engine if s.engine == "llm" else f"sim:{s.sim_profile}",
+             engine.kv.pool.num_blocks, max_model_len)
     registration = None
     if s.scheduler_address:
         instance = common_pb2.Instance(instance_id=instance_id, role=ROLES[s.role], address=address,

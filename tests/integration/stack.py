@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,11 +98,25 @@ class Stack:
             stop(proc, timeout)
 
 
-def start_stack(name: str, folder: Path, model: Path, colocated: bool) -> Stack:
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What a stack runs: colocated workers or a prefill pool + decode pool, on the model or the sim
+    engine (`--engine sim`: a performance model paced in real time, no weights; `model` then only gives
+    the served name and the vocabulary of the placeholder tokens)."""
+    colocated: bool = False
+    num_decode: int = 1                 # decode workers (colocated: `--role both` workers)
+    engine: str = "llm"                 # llm | sim
+    sim_profile: str = "llama3-8b-h100"
+
+
+def start_stack(name: str, folder: Path, model: Path, colocated: bool = False, *,
+                shape: Shape | None = None) -> Stack:
+    """Start a cluster: `colocated` alone for the one-worker stacks, or a `Shape` (which then decides)."""
+    shape = shape or Shape(colocated=colocated)
     stack = Stack(name, folder)
     started = False
     try:
-        _launch(stack, model, colocated)
+        _launch(stack, model, shape)
         started = True
     except (RuntimeError, OSError, grpc.RpcError) as e:
         raise RuntimeError(f"the {name} stack did not start: {e}\n{stack.tails(40)}") from None
@@ -111,7 +126,7 @@ def start_stack(name: str, folder: Path, model: Path, colocated: bool) -> Stack:
     return stack
 
 
-def _launch(stack: Stack, model: Path, colocated: bool) -> None:
+def _launch(stack: Stack, model: Path, shape: Shape) -> None:
     redis = shutil.which("redis-server") or "/usr/bin/redis-server"
     redis_port = free_port()
     log = open(stack.log("redis"), "ab")  # noqa: SIM115 (the child owns it)
@@ -131,13 +146,14 @@ def _launch(stack: Stack, model: Path, colocated: bool) -> None:
     wait_for_port(scheduler_port, stack.procs["scheduler"], timeout=60)
     wait_for_port(kvstore_port, stack.procs["kvstore"], timeout=60)
 
-    workers = [("worker", ["decode", "--role", "both"])] if colocated else [("prefill", ["prefill"]),
-                                                                           ("decode", ["decode"])]
-    threads = max(1, (os.cpu_count() or 1) // (len(workers) + 1))  # share the cores (+1: the test process)
+    workers, roles = _workers(shape)
+    if shape.engine == "sim":           # no model arithmetic: a thread is plenty
+        threads, engine = 1, ["--engine", "sim", "--sim-profile", shape.sim_profile]
+    else:                               # share the cores (+1: the test process)
+        threads, engine = max(1, (os.cpu_count() or 1) // (len(workers) + 1)), []
     common = ["--model", str(model), "--scheduler-address", stack.scheduler_address,
               "--kvstore-address", f"127.0.0.1:{kvstore_port}", "--kv-cache-memory-gb", "0.25",
-              "--cpu-threads", str(threads)]
-    roles = {common_pb2.ROLE_BOTH} if colocated else {common_pb2.ROLE_PREFILL, common_pb2.ROLE_DECODE}
+              "--cpu-threads", str(threads), *engine]
     ports = {}
     for name, service in workers:                   # they load the model in parallel
         ports[name] = free_port()
@@ -154,7 +170,7 @@ def _launch(stack: Stack, model: Path, colocated: bool) -> None:
 
     def ready() -> bool:
         stack.check_alive()
-        if {s.instance.role for s in stack.instances() if s.healthy} != roles:
+        if Counter(s.instance.role for s in stack.instances() if s.healthy) != roles:
             return False
         try:
             with urllib.request.urlopen(f"{stack.url}/v1/models", timeout=2) as r:
@@ -164,6 +180,19 @@ def _launch(stack: Stack, model: Path, colocated: bool) -> None:
 
     if not eventually(ready, timeout=60, interval=0.2):
         raise TimeoutError(f"GET {stack.url}/v1/models does not list {MODEL}")
+
+
+def _workers(shape: Shape) -> tuple[list[tuple[str, list[str]]], Counter]:
+    """(process name, `serve` arguments) of every worker, and how many instances of each role register.
+    A single worker of a role is named after it ("decode"); several are numbered ("decode-0", …)."""
+    if shape.colocated:
+        pools = [("worker", ["decode", "--role", "both"], common_pb2.ROLE_BOTH, shape.num_decode)]
+    else:
+        pools = [("prefill", ["prefill"], common_pb2.ROLE_PREFILL, 1),
+                 ("decode", ["decode"], common_pb2.ROLE_DECODE, shape.num_decode)]
+    workers = [(name if count == 1 else f"{name}-{i}", service)
+               for name, service, _, count in pools for i in range(count)]
+    return workers, Counter({role: count for _, _, role, count in pools})
 
 
 class Reference:
