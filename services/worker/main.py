@@ -112,7 +112,8 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
     port = bind(server, s.host, s.port)
     address = s.advertise_address or f"{s.host}:{port}"
     instance_id = s.instance_id or f"{s.role}-{s.host}-{port}"
-    servicer = WorkerServicer(engine, instance_id=instance_id, role=ROLES[s.role], kvstore=kvstore)
+    servicer = WorkerServicer(engine, instance_id=instance_id, role=ROLES[s.role], kvstore=kvstore,
+                              address=address)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     servicer.loop.start()
     await server.start()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from services.common import failpoints
 from services.common.block_keys import chain_keys
 from services.common.grpc_util import aio_channel
 from services.engine.block_pool import OutOfBlocks
@@ -192,6 +193,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                         f"{rid} was not admitted here (call Admit first)")
                 flight.kv_started = True
+                await failpoints.pause("pushkv.final" if payload.is_final else
+                                       "pushkv.stage0" if payload.first_block == 0 else "")
                 num_blocks += payload.num_blocks
                 resumed = await self.loop.call(self._import, payload, flight.tracked)
                 yield worker_pb2.PushKVReply(resumed=resumed, num_blocks=num_blocks)
