@@ -16,7 +16,7 @@ from services.common.settings import parse_settings, setting
 from services.gen.ferry.v1 import scheduler_pb2_grpc
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.persistence import RedisPersistence
-from services.scheduler.policies import default_policy
+from services.scheduler.policies import load_policy
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.registry import Registry
 from services.scheduler.server import SchedulerService
@@ -39,6 +39,9 @@ class SchedulerSettings:
     redis_flush_interval_s: float = setting(1.0, "heartbeats reach Redis at most this often")
     metrics_port: int = setting(-1, "Prometheus /metrics port (-1 = off, 0 = any free port)")
     prefix_index_size: int = setting(100_000, "block keys the prefix-affinity index remembers")
+    routing_config: str = setting("ferry", "routing policy: a preset (ferry, load_aware, round_robin) or a "
+                                  "YAML file of filters, weighted scorers and a picker per profile "
+                                  "(docs/scheduler.md#routing)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -61,6 +64,10 @@ class SchedulerSettings:
             raise ValueError(f"--redis-flush-interval-s must be > 0, got {self.redis_flush_interval_s}")
         if self.prefix_index_size < 1:
             raise ValueError(f"--prefix-index-size must be >= 1, got {self.prefix_index_size}")
+        try:
+            load_policy(self.routing_config)   # refuse a bad file at startup, with the key that is wrong
+        except ValueError as e:
+            raise ValueError(f"--routing-config: {e}") from None
 
 
 async def serve(settings: SchedulerSettings, stop: asyncio.Event) -> None:
@@ -75,7 +82,9 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     if settings.metrics_port >= 0:
         log.info("metrics on http://%s:%d/metrics", settings.host,
                  metrics.serve(settings.host, settings.metrics_port))
-    service = SchedulerService(registry, PrefixIndex(settings.prefix_index_size), default_policy(),
+    log.info("routing policy: %s", settings.routing_config)
+    policy = load_policy(settings.routing_config)
+    service = SchedulerService(registry, PrefixIndex(settings.prefix_index_size), policy,
                                heartbeat_interval_s=settings.heartbeat_interval_s,
                                expiry_s=settings.instance_expiry_s, persistence=persistence, metrics=metrics)
     server = aio_server()

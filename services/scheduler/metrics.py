@@ -3,6 +3,7 @@
     ferry_scheduler_instances{role, healthy}            gauge, refreshed on every registry change/sweep
     ferry_scheduler_route_decisions_total{result}       disaggregated | colocated | no_route | invalid
     ferry_scheduler_route_duration_seconds              histogram of Route handling time
+    ferry_scheduler_routing_decision_seconds            histogram of the routing policy alone (decide())
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from services.common.cluster import ClusterSnapshot, Role
 
 ROUTE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025)
 
 
 class SchedulerMetrics:
@@ -23,6 +25,10 @@ class SchedulerMetrics:
         self.route_duration = Histogram("ferry_scheduler_route_duration_seconds",
                                         "Time to handle one Route call", buckets=ROUTE_BUCKETS,
                                         registry=self.registry)
+        self.routing_decision = Histogram("ferry_scheduler_routing_decision_seconds",
+                                          "Time the routing policy takes to decide one request "
+                                          "(decide() only: no conversion, no I/O)",
+                                          buckets=DECISION_BUCKETS, registry=self.registry)
 
     def observe_instances(self, snapshot: ClusterSnapshot) -> None:
         counts = {(role.value, healthy): 0 for role in Role for healthy in ("true", "false")}

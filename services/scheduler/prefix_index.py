@@ -8,6 +8,10 @@ with the same prefix can be sent where its KV is probably still cached. The inde
 `capacity` keys and forgets the least recently recorded first; an instance's entries are dropped
 when it leaves (deregisters or goes silent), since its cache is gone or unknown.
 
+Prefill workers also write each prompt's blocks to the kvstore, from which any prefill worker can
+fetch them, so the server records the keys a second time against the pseudo-instance KVSTORE_ID;
+the prefix-affinity scorer gives blocks found only there partial credit.
+
 Keys are chained (block i's key covers the whole prefix up to block i), so a hit on key i means the
 instance saw the first i+1 blocks, even if the index has since forgotten some of the earlier keys.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
+KVSTORE_ID = "kvstore"      # the pseudo-instance that stands for the KV block store
 MAX_INSTANCES_PER_KEY = 8   # a hot prefix may sit on several instances; remember the latest few
 
 

@@ -27,7 +27,7 @@ from services.scheduler import convert
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.persistence import RedisPersistence
 from services.scheduler.policies.routing import RoutingPolicy, decide
-from services.scheduler.prefix_index import PrefixIndex
+from services.scheduler.prefix_index import KVSTORE_ID, PrefixIndex
 from services.scheduler.registry import Registry
 
 log = logging.getLogger("ferry.scheduler")
@@ -45,6 +45,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.persistence = persistence
         self.metrics = metrics or SchedulerMetrics()
         self.clock = clock   # wall clock: heartbeat times outlive the process in Redis
+        self.num_route_calls = 0   # the routing policy's ordinal (the round-robin picker turns on it)
 
     async def Register(self, request, context):
         try:
@@ -92,7 +93,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         except ValueError as e:
             self.metrics.route_decisions.labels(result="invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        decision = decide(self.registry.snapshot(self.clock()), req, self.policy, self.prefix_index)
+        snapshot = self.registry.snapshot(self.clock())
+        started = time.perf_counter()
+        decision = decide(snapshot, req, self.policy, self.prefix_index, ordinal=self.num_route_calls)
+        self.metrics.routing_decision.observe(time.perf_counter() - started)
+        self.num_route_calls += 1
         if isinstance(decision, NoRoute):
             self.metrics.route_decisions.labels(result="no_route").inc()
             log.warning("request %s: %s", req.request_id, decision.reason)
@@ -107,6 +112,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def _apply(self, req: RouteRequest, route: Route) -> None:
         """Remember the prefix on the prefill instance and count the request against both loads."""
         self.prefix_index.record(req.block_keys, route.prefill_id)
+        self.prefix_index.record(req.block_keys, KVSTORE_ID)   # the prefill worker writes them to the store
         decode = self.registry.get(route.decode_id)
         self.registry.reserve(route.decode_id, decode.spec.num_blocks_for(req.num_total_tokens))
         if not route.is_colocated:

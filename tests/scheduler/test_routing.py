@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
 from services.common.cluster import (
@@ -20,12 +21,12 @@ from services.scheduler.policies import default_policy
 from services.scheduler.policies.filters import FitsContext, HasKvRoom, Healthy, NotDraining, ServesModel
 from services.scheduler.policies.routing import (
     Phase,
+    PickHighest,
     RouteContext,
     RoutingProfile,
     Weighted,
     decide,
-    pick_highest,
-    total_score,
+    total_scores,
 )
 from services.scheduler.policies.scorers import FreeBlocks, PrefixAffinity, ShortQueue
 
@@ -98,7 +99,7 @@ FILTER_CASES = [
 @pytest.mark.parametrize("f, instance, phase, request_, kept", [c[1:] for c in FILTER_CASES],
                          ids=[c[0] for c in FILTER_CASES])
 def test_filter(f, instance, phase, request_, kept):
-    assert f.keep(ctx(phase, request_, None, instance), instance) is kept
+    assert bool(np.broadcast_to(f.keep(ctx(phase, request_, None, instance)), (1,))[0]) is kept
 
 
 # --- scorers ---------------------------------------------------------------------------------------
@@ -121,7 +122,8 @@ SCORER_CASES = [
 @pytest.mark.parametrize("scorer, instance, request_, depths, expected", [c[1:] for c in SCORER_CASES],
                          ids=[c[0] for c in SCORER_CASES])
 def test_scorer(scorer, instance, request_, depths, expected):
-    assert scorer.score(ctx(Phase.PREFILL, request_, depths, instance), instance) == pytest.approx(expected)
+    scores = scorer.score(ctx(Phase.PREFILL, request_, depths, instance))
+    assert np.broadcast_to(scores, (1,))[0] == pytest.approx(expected)
 
 
 @dataclass(frozen=True)
@@ -129,21 +131,21 @@ class Const:
     value: float
     name = "const"
 
-    def score(self, ctx, instance):
-        return self.value
+    def score(self, ctx):
+        return np.full(len(ctx.table), self.value)
 
 
 @pytest.mark.parametrize("raw, clamped", [(5.0, 1.0), (-2.0, 0.0), (math.nan, 0.0), (0.3, 0.3)])
 def test_framework_clamps_scores(raw, clamped):
     a = inst("a")
-    assert total_score(ctx(Phase.DECODE, None, None, a), RoutingProfile((), (Weighted(Const(raw), 1.0),)),
-                       a) == pytest.approx(clamped)
+    assert total_scores(ctx(Phase.DECODE, None, None, a),
+                        RoutingProfile((), (Weighted(Const(raw), 1.0),)))[0] == pytest.approx(clamped)
 
 
 def test_total_score_is_the_weighted_mean():
     a = inst("a")
     profile = RoutingProfile((), (Weighted(Const(1.0), 3.0), Weighted(Const(0.0), 1.0)))
-    assert total_score(ctx(Phase.DECODE, None, None, a), profile, a) == pytest.approx(0.75)
+    assert total_scores(ctx(Phase.DECODE, None, None, a), profile)[0] == pytest.approx(0.75)
 
 
 def test_negative_weight_is_refused():
@@ -152,7 +154,9 @@ def test_negative_weight_is_refused():
 
 
 def test_pick_breaks_ties_by_instance_id():
-    assert pick_highest([(0.5, inst("b")), (0.5, inst("a")), (0.4, inst("0"))]).instance_id == "a"
+    c = ctx(Phase.DECODE, None, None, inst("b"), inst("a"), inst("0"))   # rows in id order: 0, a, b
+    rows = np.array([2, 1, 0])
+    assert c.table.ids[PickHighest().pick(c, rows, np.array([0.5, 0.5, 0.4]))] == "a"
 
 
 # --- decide ----------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from services.common.cluster import InstanceState, Priority
 
 
@@ -32,5 +34,10 @@ def freeness(instance: InstanceState, *, include_headroom: bool = True, extra_bl
     if load.draining:
         return -math.inf
     headroom = high_priority_headroom(instance) if include_headroom else 0
-    room = load.num_free_blocks - queued_blocks(instance) - headroom - extra_blocks
-    return room / max(1, load.num_running)
+    return float(room_per_request(load.num_free_blocks, queued_blocks(instance), headroom, extra_blocks,
+                                  load.num_running))
+
+
+def room_per_request(num_free_blocks, num_queued_blocks, headroom, extra_blocks, num_running):
+    """The freeness formula on numbers or on numpy columns alike (routing scores every instance at once)."""
+    return (num_free_blocks - num_queued_blocks - headroom - extra_blocks) / np.maximum(1, num_running)

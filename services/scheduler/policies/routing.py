@@ -11,17 +11,23 @@
   does both phases (no KV transfer).
 
 Plugins are small frozen objects that read the `RouteContext`; they never mutate and never read the
-clock (time is `ctx.snapshot.now`). Ties go to the smallest instance id, so a decision is a function
-of its inputs alone.
+clock (time is `ctx.snapshot.now`). They work on columns (`ctx.table`, one row per instance): a filter
+returns a boolean mask, a scorer an array of scores, so one decision over 1,000 instances is a few
+dozen numpy expressions rather than thousands of Python calls. Ties go to the smallest instance id,
+so a decision is a function of its inputs alone (`ordinal`, the caller's count of Route calls, is
+one of them: the round-robin picker turns on it).
 """
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from services.common.cluster import ClusterSnapshot, InstanceState, NoRoute, Role, Route, RouteRequest
+import numpy as np
+
+from services.common.cluster import ClusterSnapshot, NoRoute, Role, Route, RouteRequest
+from services.scheduler.policies.instance_table import InstanceTable, TableCache
 
 
 class Phase(enum.Enum):
@@ -36,17 +42,32 @@ class Phase(enum.Enum):
             return role.can_decode
         return role is Role.BOTH
 
+    def admitted(self, table: InstanceTable) -> np.ndarray:
+        """`admits` as a mask over the table's rows."""
+        if self is Phase.PREFILL:
+            return table.can_prefill
+        if self is Phase.DECODE:
+            return table.can_decode
+        return table.is_both
+
 
 DECODE_HEADROOM_TOKENS = 128
 
 
 @dataclass(frozen=True, slots=True)
 class RouteContext:
-    """Everything a plugin may read for one request and one phase."""
+    """Everything a plugin may read for one request and one phase. `table` holds the snapshot's
+    instances as columns; it is built from the snapshot when not given (tests, one-off calls)."""
     snapshot: ClusterSnapshot
     request: RouteRequest
     phase: Phase
-    prefix_depths: Mapping[str, int]   # instance id -> leading prompt blocks recently prefilled there
+    prefix_depths: Mapping[str, int]   # instance id (or KVSTORE_ID) -> leading prompt blocks held there
+    ordinal: int = 0                   # how many Route calls the caller made before this one
+    table: InstanceTable = None        # type: ignore[assignment]  # filled in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.table is None:
+            object.__setattr__(self, "table", InstanceTable.build(self.snapshot.instances))
 
     @property
     def num_tokens(self) -> int:
@@ -68,7 +89,9 @@ class PrefixLookup(Protocol):
 class Filter(Protocol):
     name: str
 
-    def keep(self, ctx: RouteContext, instance: InstanceState) -> bool: ...
+    def keep(self, ctx: RouteContext) -> np.ndarray:
+        """A boolean per row of ctx.table: may this instance take the request?"""
+        ...
 
     def why(self, ctx: RouteContext) -> str:
         """Completes "none …" for the NoRoute reason when this filter leaves no candidate."""
@@ -78,18 +101,30 @@ class Filter(Protocol):
 class Scorer(Protocol):
     name: str
 
-    def score(self, ctx: RouteContext, instance: InstanceState) -> float:
-        """Higher is better; the framework clamps it to [0, 1]."""
+    def score(self, ctx: RouteContext) -> np.ndarray:
+        """A score per row of ctx.table, higher is better; the framework clamps it to [0, 1]."""
         ...
 
 
 class Picker(Protocol):
-    def __call__(self, scored: Sequence[tuple[float, InstanceState]]) -> InstanceState: ...
+    name: str
+
+    def pick(self, ctx: RouteContext, rows: np.ndarray, scores: np.ndarray) -> int:
+        """One of `rows` (candidate row numbers of ctx.table), given their total `scores`."""
+        ...
 
 
-def pick_highest(scored: Sequence[tuple[float, InstanceState]]) -> InstanceState:
+@dataclass(frozen=True, slots=True)
+class PickHighest:
     """The highest total score; ties go to the smallest instance id."""
-    return min(scored, key=lambda s: (-s[0], s[1].instance_id))[1]
+    name = "highest"
+
+    def pick(self, ctx: RouteContext, rows: np.ndarray, scores: np.ndarray) -> int:
+        best = np.flatnonzero(scores == scores.max())
+        if len(best) == 1:
+            return int(rows[best[0]])
+        tied = rows[best]
+        return int(tied[np.argmin(ctx.table.id_rank[tied])])
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,74 +138,86 @@ class RoutingProfile:
     """One phase's pipeline."""
     filters: tuple[Filter, ...]
     scorers: tuple[Weighted, ...]
-    picker: Picker = pick_highest
+    picker: Picker = PickHighest()
+    weight_sum: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         for w in self.scorers:
-            if w.weight < 0:
+            if not w.weight >= 0:
                 raise ValueError(f"scorer {w.scorer.name} has weight {w.weight}; weights must be >= 0")
+        object.__setattr__(self, "weight_sum", float(sum(w.weight for w in self.scorers)))
 
 
 @dataclass(frozen=True, slots=True)
 class RoutingPolicy:
-    """The three profiles `decide` may run."""
+    """The three profiles `decide` may run. `tables` is a memo of the last snapshot's columns."""
     prefill: RoutingProfile
     decode: RoutingProfile
     colocated: RoutingProfile
+    tables: TableCache = field(default_factory=TableCache, compare=False, repr=False)
 
 
-def clamp01(x: float) -> float:
-    return 0.0 if not x > 0.0 else min(1.0, x)   # NaN -> 0
+def clamp01(x: np.ndarray) -> np.ndarray:
+    return np.where(x > 0.0, np.minimum(x, 1.0), 0.0)   # NaN -> 0
 
 
-def total_score(ctx: RouteContext, profile: RoutingProfile, instance: InstanceState) -> float:
-    """Weighted mean of the clamped scores, in [0, 1]."""
-    weight_sum = sum(w.weight for w in profile.scorers)
-    if weight_sum <= 0:
-        return 0.0
-    return sum(w.weight * clamp01(w.scorer.score(ctx, instance)) for w in profile.scorers) / weight_sum
+def total_scores(ctx: RouteContext, profile: RoutingProfile, rows: np.ndarray | None = None) -> np.ndarray:
+    """Weighted mean of the clamped scores, in [0, 1], for `rows` (default: every row)."""
+    num_rows = len(ctx.table) if rows is None else len(rows)
+    total: float | np.ndarray = 0.0
+    for w in profile.scorers:
+        if w.weight > 0:
+            scores = w.scorer.score(ctx)          # an array over all rows, or one number for all
+            if rows is not None and np.ndim(scores):
+                scores = scores[rows]
+            total = total + w.weight * clamp01(scores)
+    if profile.weight_sum > 0:
+        total = total / profile.weight_sum
+    return np.broadcast_to(np.asarray(total, dtype=np.float64), (num_rows,))
 
 
-def candidates(ctx: RouteContext, profile: RoutingProfile) -> tuple[InstanceState, ...] | NoRoute:
-    """Instances whose role admits the phase and that pass every filter, or why there are none."""
+def candidates(ctx: RouteContext, profile: RoutingProfile) -> np.ndarray | NoRoute:
+    """Row numbers of the instances whose role admits the phase and that pass every filter, or why
+    there are none."""
     phase, model = ctx.phase.value, ctx.request.model
-    left = tuple(i for i in ctx.snapshot.instances if ctx.phase.admits(i.spec.role))
-    if not left:
+    left = ctx.phase.admitted(ctx.table)
+    if not left.any():
         roles = {Phase.PREFILL: "PREFILL or BOTH", Phase.DECODE: "DECODE or BOTH"}.get(ctx.phase, "BOTH")
         return NoRoute(f"no {phase} instance for model {model!r}: no instance with role {roles} "
                        "is registered")
     for f in profile.filters:
-        kept = tuple(i for i in left if f.keep(ctx, i))
-        if not kept:
-            return NoRoute(f"no {phase} instance for model {model!r}: of {len(left)} candidate(s), "
-                           f"none {f.why(ctx)} (filter {f.name})")
+        kept = left & f.keep(ctx)
+        if not kept.any():
+            return NoRoute(f"no {phase} instance for model {model!r}: of {np.count_nonzero(left)} "
+                           f"candidate(s), none {f.why(ctx)} (filter {f.name})")
         left = kept
-    return left
+    return np.flatnonzero(left)
 
 
-def pick(ctx: RouteContext, profile: RoutingProfile,
-         among: Sequence[InstanceState]) -> InstanceState:
-    return profile.picker([(total_score(ctx, profile, i), i) for i in among])
+def pick(ctx: RouteContext, profile: RoutingProfile, rows: np.ndarray) -> str:
+    """The chosen instance's id."""
+    return ctx.table.ids[profile.picker.pick(ctx, rows, total_scores(ctx, profile, rows))]
 
 
 def decide(snapshot: ClusterSnapshot, request: RouteRequest, policy: RoutingPolicy,
-           prefix_index: PrefixLookup) -> Route | NoRoute:
+           prefix_index: PrefixLookup, *, ordinal: int = 0) -> Route | NoRoute:
     """Where to prefill and where to decode `request`, or why nowhere."""
     depths = prefix_index.match(request.block_keys) if request.block_keys else {}
-    prefill_ctx = RouteContext(snapshot, request, Phase.PREFILL, depths)
-    decode_ctx = RouteContext(snapshot, request, Phase.DECODE, depths)
-    prefill_ids = candidates(prefill_ctx, policy.prefill)
-    if isinstance(prefill_ids, NoRoute):
-        return prefill_ids
-    decode_ids = candidates(decode_ctx, policy.decode)
-    if isinstance(decode_ids, NoRoute):
-        return decode_ids
-    if all(i.spec.role is Role.BOTH for i in prefill_ids + decode_ids):
-        ctx = RouteContext(snapshot, request, Phase.COLOCATED, depths)
+    table = policy.tables.table_for(snapshot)
+    prefill_ctx = RouteContext(snapshot, request, Phase.PREFILL, depths, ordinal, table)
+    decode_ctx = RouteContext(snapshot, request, Phase.DECODE, depths, ordinal, table)
+    prefill_rows = candidates(prefill_ctx, policy.prefill)
+    if isinstance(prefill_rows, NoRoute):
+        return prefill_rows
+    decode_rows = candidates(decode_ctx, policy.decode)
+    if isinstance(decode_rows, NoRoute):
+        return decode_rows
+    if table.is_both[prefill_rows].all() and table.is_both[decode_rows].all():
+        ctx = RouteContext(snapshot, request, Phase.COLOCATED, depths, ordinal, table)
         both = candidates(ctx, policy.colocated)
         if isinstance(both, NoRoute):
             return both
-        chosen = pick(ctx, policy.colocated, both).instance_id
+        chosen = pick(ctx, policy.colocated, both)
         return Route(prefill_id=chosen, decode_id=chosen)
-    return Route(prefill_id=pick(prefill_ctx, policy.prefill, prefill_ids).instance_id,
-                 decode_id=pick(decode_ctx, policy.decode, decode_ids).instance_id)
+    return Route(prefill_id=pick(prefill_ctx, policy.prefill, prefill_rows),
+                 decode_id=pick(decode_ctx, policy.decode, decode_rows))
