@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
+from services.common.cluster import Priority
 from services.gateway.generation import Generation, GenerationError, Plan
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.protocol import (
@@ -32,6 +33,9 @@ from services.gateway.protocol import (
 from services.gateway.scheduler_client import SchedulerClient
 from services.gateway.token_sink import TokenSink
 from services.gen.ferry.v1 import common_pb2
+
+PRIORITY_TO_PROTO = {Priority.HIGH: common_pb2.PRIORITY_HIGH, Priority.NORMAL: common_pb2.PRIORITY_NORMAL,
+                     Priority.LOW: common_pb2.PRIORITY_LOW}
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +147,7 @@ def _plan(gw: Gateway, req: GenerationRequest) -> Plan:
                                           top_k=req.top_k, stop=list(req.stop), ignore_eos=req.ignore_eos)
     if req.seed is not None:
         sampling.seed = req.seed % 2**63
-    return Plan(req.model, ids, sampling, req.stop, info.block_size)
+    return Plan(req.model, ids, sampling, req.stop, info.block_size, PRIORITY_TO_PROTO[req.priority])
 
 
 def _error(gw: Gateway, endpoint: str, e: InvalidRequest, kind: str = "invalid_request_error") -> JSONResponse:

@@ -44,6 +44,7 @@ class Plan:
     sampling: common_pb2.SamplingOptions
     stop: tuple[str, ...]
     block_size: int
+    priority: int = common_pb2.PRIORITY_NORMAL   # common_pb2.Priority
 
 
 class Generation:
@@ -75,7 +76,8 @@ class Generation:
         try:
             prefill, decode = await self.scheduler.route(scheduler_pb2.RouteRequest(
                 request_id=self.request_id, model=plan.model, block_keys=keys,
-                num_prompt_tokens=self.num_prompt_tokens, max_tokens=plan.sampling.max_tokens))
+                num_prompt_tokens=self.num_prompt_tokens, max_tokens=plan.sampling.max_tokens,
+                priority=plan.priority))
         except NoRoute as e:
             raise GenerationError(f"no worker can take the request now: {e}", 503, "service_unavailable") from None
         decode_address = decode.address if decode.address != prefill.address else ""
@@ -84,7 +86,7 @@ class Generation:
         stub = worker_pb2_grpc.WorkerStub(self.channels(prefill.address))
         request = worker_pb2.PrefillRequest(
             request_id=self.request_id, prompt_token_ids=plan.prompt_token_ids, sampling=plan.sampling,
-            sink_address=self.sink_address, decode_address=decode_address)
+            sink_address=self.sink_address, decode_address=decode_address, priority=plan.priority)
 
         async def prefill() -> worker_pb2.PrefillReply:
             return await stub.Prefill(request)

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common.cluster import Priority
+
 
 class InvalidRequest(ValueError):
     def __init__(self, message: str, param: str | None = None, status: int = 400,
@@ -36,6 +38,7 @@ class GenerationRequest:
     include_usage: bool = False
     ignore_eos: bool = False
     user: str | None = None
+    priority: Priority = Priority.NORMAL
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,7 +85,8 @@ def parse_request(kind: str, body: Any) -> GenerationRequest:
     common = {"kind": kind, "model": model, "max_tokens": max_tokens, "temperature": temperature,
               "top_p": top_p, "top_k": min(max(top_k, 0), MAX_TOP_K), "seed": _typed(body, "seed", int),
               "stop": _stop(body.get("stop")), "stream": stream, "include_usage": include_usage,
-              "ignore_eos": _typed(body, "ignore_eos", bool) or False, "user": _typed(body, "user", str)}
+              "ignore_eos": _typed(body, "ignore_eos", bool) or False, "user": _typed(body, "user", str),
+              "priority": _priority(body.get("priority"))}
     if kind == "chat":
         return GenerationRequest(messages=_messages(body.get("messages")), **common)
     return GenerationRequest(prompt=_prompt(body.get("prompt")), **common)
@@ -110,6 +114,22 @@ def _number(body: dict, key: str, default: float) -> float:
 
 def _type_name(tp: type) -> str:
     return {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "an array"}[tp]
+
+
+PRIORITY_NAMES = {p.value: p for p in Priority}
+
+
+def _priority(value: Any) -> Priority:
+    """A priority class by name ("high", "normal", "low") or, as vLLM takes it, an integer: below 0 is
+    high, 0 normal, above 0 low (vLLM schedules lower values first)."""
+    if value is None:
+        return Priority.NORMAL
+    if isinstance(value, str) and value in PRIORITY_NAMES:
+        return PRIORITY_NAMES[value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Priority.HIGH if value < 0 else Priority.NORMAL if value == 0 else Priority.LOW
+    raise InvalidRequest(f"`priority` must be one of \"high\", \"normal\", \"low\" or an integer "
+                         f"(< 0 high, 0 normal, > 0 low), got {value!r}", "priority")
 
 
 def _stop(value: Any) -> tuple[str, ...]:
