@@ -85,10 +85,11 @@ class Rig:
         self.sink_address = f"127.0.0.1:{bind(self._server, '127.0.0.1', 0)}"
         await self._server.start()
 
-    def launch(self, name: str, role: str = "decode", env: dict[str, str] | None = None) -> Worker:
-        """Start a worker process (not yet ready: see `wait_ready`)."""
+    def launch(self, name: str, service: str = "decode", env: dict[str, str] | None = None,
+               args: tuple[str, ...] = ()) -> Worker:
+        """Start `ferry serve <service>` (not yet ready: see `wait_ready`)."""
         port = free_port()
-        args = ["serve", role, "--model", str(self.model), "--port", str(port), "--kv-cache-memory-gb",
+        args = ["serve", service, *args, "--model", str(self.model), "--port", str(port), "--kv-cache-memory-gb",
                 str(self.kv_cache_memory_gb), "--cpu-threads", str(self.threads), "--instance-id", name,
                 *self.extra_args]
         proc = start(args, log=self.folder / f"{name}.log", env=env)
@@ -115,7 +116,7 @@ class Rig:
             request_id=rid, prompt_token_ids=prompt_ids, sink_address=self.sink_address,
             decode_address=decode.address if decode is not None else "",
             sampling=common_pb2.SamplingOptions(max_tokens=max_tokens, temperature=0, ignore_eos=True)),
-            timeout=120)
+            timeout=600)
         return rid
 
     async def migrate(self, rid: str, source: Worker, destination: Worker, **options) -> worker_pb2.MigrateReply:

@@ -38,6 +38,16 @@ class RequestOutput:
     num_output_tokens: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class KVExport:
+    """A planned export: the payload's metadata and the blocks whose bytes it will carry."""
+    meta: dict
+    block_ids: tuple[int, ...]
+
+    def read(self, engine: BaseEngine) -> KVPayload:
+        return KVPayload(**self.meta, data=engine.read_block_bytes(list(self.block_ids)))
+
+
 class BaseEngine(ABC):
     """Everything but the arithmetic: requests, scheduling, stopping, KV export/import."""
 
@@ -175,6 +185,13 @@ class BaseEngine(ABC):
     # ---- KV export / import ---------------------------------------------------------------
     def export_kv(self, request_id: str, blocks: slice | None = None) -> KVPayload:
         """A request's state and the KV of `blocks` (a range of its block table; default: all)."""
+        return self.plan_export(request_id, blocks).read(self)
+
+    def plan_export(self, request_id: str, blocks: slice | None = None) -> KVExport:
+        """`export_kv` without reading the KV yet: `.read(engine)` may run on another thread while
+        steps go on, because a live request's full blocks never change (a migration's pre-copy
+        stages use this, so copying them costs the decode loop nothing). If the request ends or is
+        preempted meanwhile, the bytes read are garbage: the caller checks that and drops them."""
         seq = self.seqs.get(request_id)
         if seq is None:
             raise KeyError(f"unknown request {request_id!r}")
@@ -182,14 +199,13 @@ class BaseEngine(ABC):
         chosen = range(with_kv)[blocks or slice(None)]
         if chosen.step != 1:
             raise ValueError("export a contiguous block range (step 1)")
-        block_ids = seq.block_ids[chosen.start:chosen.stop]
         num_full = min(chosen.stop, seq.num_computed_tokens // self.layout.block_size)
-        return KVPayload(
+        return KVExport(dict(
             layout=self.layout, request_id=request_id, token_ids=tuple(seq.token_ids),
             num_prompt_tokens=seq.num_prompt_tokens, num_computed_tokens=seq.num_computed_tokens,
-            params=seq.params, seed=seq.seed, first_block=chosen.start, num_blocks=len(block_ids),
-            block_keys=tuple(to_hex(seq.block_keys[chosen.start:num_full])),
-            data=self.read_block_bytes(block_ids))
+            params=seq.params, seed=seq.seed, first_block=chosen.start, num_blocks=len(chosen),
+            block_keys=tuple(to_hex(seq.block_keys[chosen.start:num_full]))),
+            tuple(seq.block_ids[chosen.start:chosen.stop]))
 
     def import_kv(self, payload: KVPayload) -> bool:
         """Take a payload's blocks; when it is the final one, the request resumes here. Returns that."""

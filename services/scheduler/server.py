@@ -25,6 +25,7 @@ from services.common.cluster import NoRoute, Route, RouteRequest
 from services.gen.ferry.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler import convert
 from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.migrator import Migrator
 from services.scheduler.persistence import RedisPersistence
 from services.scheduler.policies.routing import RoutingPolicy, decide
 from services.scheduler.prefix_index import KVSTORE_ID, PrefixIndex
@@ -36,8 +37,10 @@ log = logging.getLogger("ferry.scheduler")
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, registry: Registry, prefix_index: PrefixIndex, policy: RoutingPolicy, *,
                  heartbeat_interval_s: float, expiry_s: float, persistence: RedisPersistence | None = None,
-                 metrics: SchedulerMetrics | None = None, clock: Callable[[], float] = time.time) -> None:
+                 metrics: SchedulerMetrics | None = None, clock: Callable[[], float] = time.time,
+                 migrator: Migrator | None = None) -> None:
         self.registry = registry
+        self.migrator = migrator
         self.prefix_index = prefix_index
         self.policy = policy
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -81,6 +84,17 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return await self._route(request, context)
         finally:
             self.metrics.route_duration.observe(time.perf_counter() - started)
+
+    async def DrainInstance(self, request, context):
+        if self.migrator is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "live migration is off on this scheduler (--migration-interval-s 0)")
+        try:
+            num = await self.migrator.drain(request.instance_id)
+        except KeyError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no instance {request.instance_id!r} is registered")
+        await self._save(request.instance_id)
+        return scheduler_pb2.DrainInstanceReply(num_requests=num)
 
     async def ListInstances(self, request, context):
         snapshot = self.registry.snapshot(self.clock())

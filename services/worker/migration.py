@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from services.engine.engine import BaseEngine
+from services.engine.engine import BaseEngine, KVExport
 from services.engine.kv_transfer import KVPayload
 from services.gen.ferry.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.kv_stream import StageQueue
@@ -42,13 +42,14 @@ class Progress:
     sent_blocks: int = 0
     num_stages: int = 0
     num_bytes: int = 0
-    suspended: bool = False
+    suspended_at: float = 0.0         # perf_counter when the request stopped decoding here
     started: float = field(default_factory=time.perf_counter)
 
 
-def export_stage(engine: BaseEngine, progress: Progress, final: bool, min_blocks: int = 1) -> KVPayload | None:
-    """On the engine thread: the next stage's payload, or None when fewer than `min_blocks` new full
-    blocks are ready. The final stage suspends the request first, so nothing changes after it."""
+def export_stage(engine: BaseEngine, progress: Progress, final: bool, min_blocks: int = 1) -> KVExport | None:
+    """On the engine thread: the next stage's planned export, or None when fewer than `min_blocks`
+    new full blocks are ready. The final stage suspends the request first, so nothing changes after
+    it. The bytes are read off the engine thread (`KVExport.read`), so decoding goes on meanwhile."""
     rid = progress.request_id
     seq = engine.seqs.get(rid)
     if seq is None:
@@ -57,13 +58,13 @@ def export_stage(engine: BaseEngine, progress: Progress, final: bool, min_blocks
         raise MigrationFailed(f"{rid} was preempted on the source during the migration")
     if final:
         engine.suspend(rid)
-        progress.suspended = True
-        return engine.export_kv(rid, slice(progress.sent_blocks, None))
+        progress.suspended_at = time.perf_counter()
+        return engine.plan_export(rid, slice(progress.sent_blocks, None))
     bs = engine.layout.block_size
     ready = min(seq.num_computed_tokens // bs, -(-seq.num_computed_tokens // bs) - 1)   # never the last block
     if ready - progress.sent_blocks < min_blocks:
         return None
-    return engine.export_kv(rid, slice(progress.sent_blocks, ready))
+    return engine.plan_export(rid, slice(progress.sent_blocks, ready))
 
 
 def resume_if_suspended(engine: BaseEngine, rid: str) -> None:
@@ -99,17 +100,17 @@ async def migrate(loop, stub: worker_pb2_grpc.WorkerStub, request: worker_pb2.Mi
     acks = call.__aiter__()
     try:
         while progress.num_stages < max_stages - 1:
-            payload = await loop.call(export_stage, progress, False, stop_copy_blocks if progress.num_stages else 1)
-            if payload is None:
+            planned = await loop.call(export_stage, progress, False, stop_copy_blocks if progress.num_stages else 1)
+            if planned is None:
                 break
+            payload = await asyncio.to_thread(planned.read, loop.engine)
             await _send(progress, payload, stages, acks, STAGE_TIMEOUT_S)
-        suspended_at = time.perf_counter()
-        payload = await loop.call(export_stage, progress, True)
-        await _send(progress, payload, stages, acks, STOP_COPY_TIMEOUT_S)
+        planned = await loop.call(export_stage, progress, True)
+        await _send(progress, planned.read(loop.engine), stages, acks, STOP_COPY_TIMEOUT_S)
         now = time.perf_counter()
         return worker_pb2.MigrateReply(migrated=True, num_stages=progress.num_stages,
                                        num_blocks=progress.sent_blocks, num_bytes=progress.num_bytes,
-                                       downtime_s=now - suspended_at, duration_s=now - progress.started)
+                                       downtime_s=now - progress.suspended_at, duration_s=now - progress.started)
     except BaseException as e:
         call.cancel()
         await asyncio.shield(_undo(loop, stub, rid))

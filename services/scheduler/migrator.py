@@ -1,0 +1,117 @@
+"""`Migrator`: carries out the migration policies — the fast loop's second half (routing is the first).
+
+    every interval:  snapshot ─▶ plan_migrations (pure) ─▶ Worker.Migrate on each source, concurrently
+                     drain(instance): mark it draining here and on the worker; the next rounds move
+                     its requests away (the drain policy comes first in every round)
+
+A request is in flight from the decision until the source answers, and then cools down for
+`cooldown_s` (its new place reports it as a fresh arrival, and last-come-first must not bounce it
+straight back). Outcomes, downtime and bytes become metrics; a failed migration leaves the request
+where it was (the worker guarantees it), so the next round simply decides again.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+
+from services.common.cluster import Migration
+from services.common.grpc_util import aio_channel
+from services.gen.ferry.v1 import worker_pb2, worker_pb2_grpc
+from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.policies.migration import MigrationConfig, plan_migrations
+from services.scheduler.registry import Registry
+
+log = logging.getLogger("ferry.scheduler.migrator")
+MIGRATE_TIMEOUT_S = 300.0
+
+
+class Migrator:
+    def __init__(self, registry: Registry, config: MigrationConfig, metrics: SchedulerMetrics, *,
+                 interval_s: float, cooldown_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self.config = config
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+        self.in_flight: dict[str, asyncio.Task] = {}
+        self._cooling: dict[str, float] = {}            # request id -> until (clock seconds)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def plan(self) -> tuple[Migration, ...]:
+        now = self.clock()
+        self._cooling = {rid: until for rid, until in self._cooling.items() if until > now}
+        busy = frozenset(self.in_flight) | frozenset(self._cooling)
+        return plan_migrations(self.registry.snapshot(now), self.config, busy)
+
+    def start_round(self) -> list[asyncio.Task]:
+        tasks = []
+        for decision in self.plan():
+            task = asyncio.create_task(self._execute(decision))
+            self.in_flight[decision.request_id] = task
+            tasks.append(task)
+        return tasks
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.start_round()
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+            except TimeoutError:
+                pass
+        for task in self.in_flight.values():
+            task.cancel()
+        await asyncio.gather(*self.in_flight.values(), return_exceptions=True)
+        for channel in self._channels.values():
+            await channel.close()
+
+    async def drain(self, instance_id: str) -> int:
+        """Stop routing to an instance and move its requests away; returns how many it holds now.
+        KeyError when the instance is unknown; the worker's own Drain is best effort (an instance
+        that cannot be reached is marked draining here all the same)."""
+        state = self.registry.get(instance_id)
+        if state is None:
+            raise KeyError(instance_id)
+        self.registry.mark_draining(instance_id)
+        try:
+            await self._stub(state.spec.address).Drain(worker_pb2.DrainRequest(), timeout=5)
+        except grpc.aio.AioRpcError as e:
+            log.warning("Drain on %s failed (%s); it is draining for routing", instance_id, e.code().name)
+        log.info("draining %s (%d requests)", instance_id, len(state.load.requests))
+        return len(state.load.requests)
+
+    async def _execute(self, m: Migration) -> None:
+        source, destination = self.registry.get(m.source_id), self.registry.get(m.destination_id)
+        reason = m.reason.value
+        try:
+            if source is None or destination is None:
+                outcome = "gone"
+                return
+            reply = await self._stub(source.spec.address).Migrate(worker_pb2.MigrateRequest(
+                request_id=m.request_id, destination_address=destination.spec.address), timeout=MIGRATE_TIMEOUT_S)
+            outcome = "migrated" if reply.migrated else "failed"
+            if reply.migrated:
+                self.metrics.migration_downtime.observe(reply.downtime_s)
+                self.metrics.migration_duration.observe(reply.duration_s)
+                self.metrics.migration_bytes.labels(reason=reason).inc(reply.num_bytes)
+                log.info("%s: %s %s -> %s, %.1f ms down", reason, m.request_id, m.source_id, m.destination_id,
+                         reply.downtime_s * 1e3)
+            else:
+                log.info("%s: %s %s -> %s not migrated: %s", reason, m.request_id, m.source_id,
+                         m.destination_id, reply.reason)
+        except grpc.aio.AioRpcError as e:
+            outcome = "not_found" if e.code() == grpc.StatusCode.NOT_FOUND else "error"
+            log.info("%s: Migrate %s on %s: %s %s", reason, m.request_id, m.source_id, e.code().name, e.details())
+        finally:
+            self.in_flight.pop(m.request_id, None)
+            self._cooling[m.request_id] = self.clock() + self.cooldown_s
+            self.metrics.migrations.labels(reason=reason, outcome=locals().get("outcome", "cancelled")).inc()
+
+    def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        if address not in self._channels:
+            self._channels[address] = aio_channel(address)
+        return worker_pb2_grpc.WorkerStub(self._channels[address])
