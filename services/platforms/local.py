@@ -9,11 +9,18 @@ the stack starts in seconds and many cheap workers fit on one machine. The gatew
 
 Children run in their own process group and die with this process (PR_SET_PDEATHSIG), so Ctrl-C,
 SIGTERM or a crash of `ferry up` leaves nothing behind. Logs go to --log-dir (one file per process).
+
+`--scheduler-arg KEY=VALUE` (repeatable) passes any `ferry serve scheduler` setting through, e.g. the
+routing preset and live migration of the Llumnix-style comparison (bench/llumnix.py):
+
+    ferry up --engine sim --decode 4 --scheduler-arg routing-config=round_robin \
+        --scheduler-arg migration-interval-s=0 --scheduler-arg metrics-port=9100
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import os
 import shutil
 import signal
@@ -33,6 +40,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # the user wins.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824",
               "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
+
+SCHEDULER_OWNED = ("host", "port", "redis-url")   # scheduler settings that ferry up chooses itself
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,9 +69,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kvstore-capacity-gb", type=float, default=0.5, help="memory of the shared KV store")
     p.add_argument("--no-kvstore", action="store_true", help="run without the shared KV store")
     p.add_argument("--no-redis", action="store_true", help="keep scheduler state in memory only")
+    p.add_argument("--scheduler-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a `ferry serve scheduler` setting, repeatable (see `ferry serve scheduler --help`), "
+                        "e.g. routing-config=round_robin|load_aware|ferry|PATH (the routing preset), "
+                        "migration-interval-s=0 (no live migration), migration-load-balance-gap=16, "
+                        "metrics-port=9100 (its Prometheus /metrics). "
+                        f"{', '.join(SCHEDULER_OWNED)} are set by ferry up")
     p.add_argument("--log-dir", type=Path, default=None, help="process logs (default: a temporary folder)")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for the stack")
     return p
+
+
+def scheduler_flags(items: list[str]) -> list[str]:
+    """`--scheduler-arg` items -> the scheduler's flags (`routing-config=x` -> `--routing-config x`).
+    ValueError names the item when it is not KEY=VALUE, not a scheduler setting, or one ferry up sets."""
+    from services.scheduler.main import SchedulerSettings   # only the dataclass: no server starts
+
+    known = {f.name.replace("_", "-") for f in dataclasses.fields(SchedulerSettings)}
+    flags = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix("--").replace("_", "-")
+        if not sep or not key:
+            raise ValueError(f"--scheduler-arg {item!r}: use KEY=VALUE, e.g. routing-config=round_robin")
+        if key in SCHEDULER_OWNED:
+            raise ValueError(f"--scheduler-arg {item!r}: ferry up sets --{key} itself")
+        if key not in known:
+            raise ValueError(f"--scheduler-arg {item!r}: the scheduler has no setting {key!r}; known: "
+                             f"{', '.join(sorted(known - set(SCHEDULER_OWNED)))}")
+        flags += [f"--{key}", value]
+    return flags
 
 
 def free_port(host: str) -> int:
@@ -146,6 +183,7 @@ def launch(args: argparse.Namespace, stack: Stack) -> str:
         stack.start("redis", [redis, "--port", str(redis_port), "--bind", h, "--save", "", "--appendonly", "no"],
                     redis_port, 30)
         scheduler_args += ["--redis-url", f"redis://{h}:{redis_port}/0"]
+    scheduler_args += scheduler_flags(args.scheduler_arg)
     stack.serve("scheduler", "scheduler", scheduler_args, scheduler_port)
     worker_common = ["--model", args.model, "--host", h, "--scheduler-address", f"{h}:{scheduler_port}",
                      "--device", args.device, "--dtype", args.dtype,
@@ -207,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.sim_num_blocks < 0:
         print("ferry up: --sim-num-blocks must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        scheduler_flags(args.scheduler_arg)    # a bad key stops here, before anything starts
+    except ValueError as e:
+        print(f"ferry up: {e}", file=sys.stderr)
         return 2
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="ferry-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
