@@ -3,11 +3,12 @@
     python bench/migration.py --device cpu --json out.json
     python bench/migration.py --device cuda --dtype bfloat16 --model /path/to/8b-shaped-model
 
-Two colocated workers (real processes, real gRPC). For each sequence length L: a prompt of
-L - 32 tokens (random ids, so no prefix cache helps) is prefilled on worker A — the time of that Prefill
+Two colocated workers (real processes, real gRPC). For each sequence length L: a prompt of L - 8
+tokens (random ids, so no prefix cache helps) is prefilled on worker A — the time of that Prefill
 call is what recomputing the KV costs (`recompute_ms`) — it decodes a few tokens there, and is then
-live-migrated to worker B while still decoding (at about L - 24 tokens; the request ends at L, so
-L = 8192 fits the model's context):
+live-migrated to worker B while still decoding. The request may generate D = --decode-after more
+tokens, so near the context's end L is lowered to fit (`tokens_at_migration` is the length it had
+when it moved):
 
     downtime_ms   suspended on A -> resumed on B (the stop-and-copy stage), as A measures it
     stall_ms      what the client sees: the longest gap between two tokens around the migration,
@@ -37,8 +38,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tests.migration_rig import Collected, Rig  # noqa: E402
 
 SIZES = (256, 512, 1024, 2048, 4096, 8192)
+CONTEXT = 8192
 DECODE_BEFORE = 8          # tokens decoded on A before the migration starts
-DECODE_AFTER = 24          # tokens after it (the request's max_tokens covers both)
+DECODE_AFTER = 56          # tokens after it (the request's max_tokens covers both); --decode-after
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,47 +49,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated sequence lengths")
+    p.add_argument("--decode-after", type=int, default=DECODE_AFTER,
+                   help="tokens the request may still generate when the migration starts (enough to outlast "
+                        "the pre-copy: raise it where decode is fast, e.g. 400 on a GPU)")
     p.add_argument("--repeats", type=int, default=3, help="migrations per size (median reported)")
     p.add_argument("--kv-cache-memory-gb", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads per worker")
+    p.add_argument("--dummy-weights", action="store_true",
+                   help="random weights from the model folder's config.json alone")
+    p.add_argument("--shape", choices=("llama3-8b",), help="a model of this shape with random weights "
+                   "(implies --dummy-weights; --model is then ignored)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="per worker (two share the GPU)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--logs", help="keep the workers' logs in this folder (default: a temporary one, removed)")
     return p.parse_args(argv)
 
 
-async def one(rig: Rig, a, b, seq_len: int, vocab: int, rng: random.Random) -> dict:
-    prompt = [rng.randrange(100, vocab) for _ in range(seq_len - DECODE_BEFORE - DECODE_AFTER)]
+async def one(rig: Rig, a, b, seq_len: int, vocab: int, rng: random.Random, decode_after: int) -> dict:
+    length = min(seq_len, CONTEXT - decode_after)            # the request must fit the context at its end
+    prompt = [rng.randrange(100, vocab) for _ in range(length - DECODE_BEFORE)]
     t0 = time.perf_counter()
-    rid = await rig.submit(prompt, DECODE_BEFORE + DECODE_AFTER, a)          # returns after the first token
+    rid = await rig.submit(prompt, DECODE_BEFORE + decode_after, a)          # returns after the first token
     recompute = time.perf_counter() - t0
     out = Collected()
     collecting = asyncio.create_task(rig.collect(rid, out))
     while len(out.tokens) < DECODE_BEFORE:
         await asyncio.sleep(0.001)
     reply = await rig.migrate(rid, a, b)
+    tokens_at_migration = len(prompt) + len(out.tokens)
     if not reply.migrated:
         raise RuntimeError(f"migration at {seq_len} tokens failed: {reply.reason}")
     await collecting
     gaps = [t1 - t0 for t0, t1 in zip(out.times, out.times[1:])]
     return {"recompute_s": recompute, "downtime_s": reply.downtime_s, "duration_s": reply.duration_s,
             "stall_s": max(0.0, max(gaps) - statistics.median(gaps)), "step_s": statistics.median(gaps),
-            "stages": reply.num_stages, "bytes": reply.num_bytes}
+            "stages": reply.num_stages, "bytes": reply.num_bytes, "tokens": tokens_at_migration}
 
 
 async def run(args: argparse.Namespace, rig: Rig, a, b) -> list[dict]:
-    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    vocab = config["vocab_size"]
+    global CONTEXT
+    CONTEXT = min(8192, config.get("max_position_embeddings", 8192))
     rng = random.Random(0)
     rows = []
     await rig.open()
     try:
-        await one(rig, a, b, 256, vocab, rng)             # warm-up: first calls, allocator, channels
+        await one(rig, a, b, 256, vocab, rng, args.decode_after)     # warm-up: first calls, allocator, channels
         for seq_len in map(int, args.sizes.split(",")):
             runs = []
             for i in range(args.repeats):
                 src, dst = (a, b) if i % 2 == 0 else (b, a)
-                runs.append(await one(rig, src, dst, seq_len, vocab, rng))
+                runs.append(await one(rig, src, dst, seq_len, vocab, rng, args.decode_after))
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            rows.append({"seq_len": seq_len, "downtime_ms": round(med["downtime_s"] * 1e3, 2),
+            rows.append({"seq_len": seq_len, "tokens_at_migration": int(med["tokens"]), "downtime_ms": round(med["downtime_s"] * 1e3, 2),
                          "recompute_ms": round(med["recompute_s"] * 1e3, 1),
                          "stall_ms": round(med["stall_s"] * 1e3, 2), "decode_step_ms": round(med["step_s"] * 1e3, 2),
                          "migration_ms": round(med["duration_s"] * 1e3, 1), "stages": med["stages"],
@@ -115,10 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     SIZES_SHOWN[:] = args.sizes.split(",")
     with tempfile.TemporaryDirectory(prefix="ferry-migration-bench-") as folder:
+        if args.shape:
+            from bench.engine import LLAMA3_8B
+            shaped = Path(folder) / args.shape
+            shaped.mkdir()
+            (shaped / "config.json").write_text(json.dumps(LLAMA3_8B))
+            args.model, args.dummy_weights = str(shaped), True
         folder = args.logs or folder
         Path(folder).mkdir(parents=True, exist_ok=True)
         rig = Rig(Path(folder), Path(args.model), kv_cache_memory_gb=args.kv_cache_memory_gb, threads=args.threads,
-                  extra_args=("--device", args.device, "--dtype", args.dtype, "--no-enable-prefix-caching"))
+                  extra_args=("--device", args.device, "--dtype", args.dtype, "--no-enable-prefix-caching",
+                              "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+                              *(("--load-format", "dummy") if args.dummy_weights else ())))
         a, b = (rig.launch(name, "decode", args=("--role", "both")) for name in ("worker-a", "worker-b"))
         try:
             rig.wait_ready(a, b)

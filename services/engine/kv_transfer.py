@@ -97,7 +97,11 @@ class KVPayload:
 
     def blocks(self) -> torch.Tensor:
         """[num_blocks, layers, 2, block_size, kv_heads, head_dim]."""
-        raw = torch.frombuffer(bytearray(self.data), dtype=torch.uint8) if self.data else torch.empty(0, dtype=torch.uint8)
+        if not self.data:
+            raw = torch.empty(0, dtype=torch.uint8)
+        else:       # a bytearray (from a stream) is used in place; immutable bytes are copied once
+            raw = torch.frombuffer(self.data if isinstance(self.data, bytearray) else bytearray(self.data),
+                                   dtype=torch.uint8)
         return raw.view(DTYPES[self.layout.dtype]).view(self.num_blocks, *self.layout.block_shape)
 
     # ---- wire form ----------------------------------------------------------------------

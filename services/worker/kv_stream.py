@@ -58,13 +58,23 @@ async def read_stages(chunks: AsyncIterator[pb.KVChunk]) -> AsyncIterator[KVPayl
                 raise ValueError(f"KV stage header must be a JSON object, got {type(meta).__name__}")
         data += chunk.data
         if chunk.end_of_stage:
-            payload = KVPayload.from_chunks(meta, [data])
-            if payload.request_id != request_id:
-                raise ValueError(f"stage header names {payload.request_id!r}, the stream {request_id!r}")
-            yield payload
+            stage = [meta, data]
             meta, data = None, bytearray()
+            yield _payload(stage, request_id)
     if meta is not None:
         raise ValueError("the PushKV stream ended in the middle of a stage")
+
+
+def _payload(stage: list, request_id: str) -> KVPayload:
+    """The stage's payload, taking its parts out of `stage`: the caller then holds the only reference
+    to its bytes, so they are freed when it drops the payload — not when the next stage arrives.
+    (Freeing a stage of hundreds of MB takes ms; a migration's stop-and-copy must not wait for it.)"""
+    meta, data = stage
+    stage.clear()
+    payload = KVPayload.from_chunks(meta, [data])
+    if payload.request_id != request_id:
+        raise ValueError(f"stage header names {payload.request_id!r}, the stream {request_id!r}")
+    return payload
 
 
 class StageQueue:
@@ -78,7 +88,9 @@ class StageQueue:
 
     async def chunks(self) -> AsyncIterator[pb.KVChunk]:
         while (payload := await self._queue.get()) is not None:
-            for chunk in stage_chunks(payload):
+            final, chunks = payload.is_final, stage_chunks(payload)
+            del payload             # once sent, a stage's bytes are freed at once (not when the next one comes)
+            for chunk in chunks:
                 yield chunk
-            if payload.is_final:
+            if final:
                 return

@@ -12,6 +12,7 @@ placeholder ids to its vocabulary so that the gateway's tokenizer can decode the
 from __future__ import annotations
 
 import asyncio
+import gc
 import dataclasses
 import json
 import logging
@@ -45,6 +46,10 @@ class WorkerSettings:
     dtype: str = setting("float32", "float32, bfloat16 or float16")
     block_size: int = setting(16, "tokens per KV block (must match across workers)")
     kv_cache_memory_gb: float = setting(0.5, "KV cache budget on CPU")
+    gpu_memory_utilization: float = setting(0.85, "share of the GPU's memory for weights + KV (CUDA); lower "
+                                            "it to run several workers on one GPU")
+    load_format: str = setting("safetensors", "safetensors, or dummy (random weights: benchmarks of a "
+                               "model shape from its config.json alone)")
     max_num_seqs: int = setting(64, "requests in one batch")
     max_num_batched_tokens: int = setting(2048, "token budget of one step (prefill chunks + decodes)")
     max_model_len: int = setting(0, "context length cap (0: the model's)")
@@ -76,7 +81,8 @@ def engine_config(s: WorkerSettings):
     return EngineConfig(model=s.model, device=s.device, dtype=s.dtype, block_size=s.block_size,
                         kv_cache_memory_gb=s.kv_cache_memory_gb, max_num_seqs=s.max_num_seqs,
                         max_num_batched_tokens=s.max_num_batched_tokens, max_model_len=s.max_model_len or None,
-                        enable_prefix_caching=s.enable_prefix_caching, model_id=s.model_name)
+                        enable_prefix_caching=s.enable_prefix_caching, model_id=s.model_name,
+                        gpu_memory_utilization=s.gpu_memory_utilization, load_format=s.load_format)
 
 
 def build_engine(s: WorkerSettings):
@@ -107,6 +113,10 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
         import torch
         torch.set_num_threads(s.cpu_threads)
     engine = await asyncio.to_thread(build_engine, s)
+    # Everything alive now (model, tokenizer, torch's modules) lives as long as the process: move it out
+    # of the collector's sight, or each full collection walks it all and stalls a step by ~250 ms.
+    gc.collect()
+    gc.freeze()
     kvstore = KVStoreClient(s.kvstore_address) if s.kvstore_address else None
     server = aio_server()
     port = bind(server, s.host, s.port)

@@ -105,6 +105,7 @@ async def migrate(loop, stub: worker_pb2_grpc.WorkerStub, request: worker_pb2.Mi
                 break
             payload = await asyncio.to_thread(planned.read, loop.engine)
             await _send(progress, payload, stages, acks, STAGE_TIMEOUT_S)
+            del payload             # free its bytes now: freeing hundreds of MB takes ms we want outside the downtime
         planned = await loop.call(export_stage, progress, True)
         await _send(progress, planned.read(loop.engine), stages, acks, STOP_COPY_TIMEOUT_S)
         now = time.perf_counter()

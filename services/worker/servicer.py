@@ -197,6 +197,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                        "pushkv.stage0" if payload.first_block == 0 else "")
                 num_blocks += payload.num_blocks
                 resumed = await self.loop.call(self._import, payload, flight.tracked)
+                del payload     # free a big stage's bytes before the ack, not while the next (final) stage waits
                 yield worker_pb2.PushKVReply(resumed=resumed, num_blocks=num_blocks)
                 if resumed:
                     return
