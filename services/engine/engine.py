@@ -217,7 +217,7 @@ class BaseEngine(ABC):
         if payload.first_block != len(staged):
             raise ValueError(f"{rid}: blocks arrive out of order: have {len(staged)}, payload starts at "
                              f"{payload.first_block}")
-        if any(not 0 <= t < self.vocab_size for t in payload.token_ids):
+        if payload.token_ids and not (min(payload.token_ids) >= 0 and max(payload.token_ids) < self.vocab_size):
             raise ValueError(f"{rid}: token ids outside the vocabulary [0, {self.vocab_size})")
         staged = staged + self._take_blocks(payload)
         if not payload.is_final:
@@ -230,8 +230,7 @@ class BaseEngine(ABC):
         seq = Sequence(rid, list(payload.token_ids), payload.num_prompt_tokens, payload.params,
                        payload.seed, self.layout.block_size, arrival=next(self._arrivals),
                        num_computed_tokens=payload.num_computed_tokens, block_ids=staged)
-        self.kv.cache_full_blocks(seq)
-        self.seqs[rid] = seq
+        self.seqs[rid] = seq       # its full blocks join the prefix cache after its next step (postprocess)
         self.scheduler.add_running(seq)
         return True
 

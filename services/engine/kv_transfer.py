@@ -12,8 +12,12 @@ and refuses a truncated or oversized payload. `KVLayout.check()` names the first
 """
 from __future__ import annotations
 
+import array
+import base64
+import binascii
 import json
 import struct
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 
@@ -72,7 +76,7 @@ class KVPayload:
     data: bytes | bytearray = b""     # bytearray when assembled from a stream (read_stages)
 
     def __post_init__(self) -> None:
-        if not all(type(t) is int for t in self.token_ids):
+        if not set(map(type, self.token_ids)) <= {int}:
             raise ValueError(f"KV payload for {self.request_id}: token_ids must be integers")
         expected = self.num_blocks * self.layout.bytes_per_block
         if len(self.data) != expected:
@@ -106,7 +110,14 @@ class KVPayload:
 
     # ---- wire form ----------------------------------------------------------------------
     def meta(self) -> dict:
-        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "data"}
+        """JSON-able metadata. Token ids go as base64 of little-endian uint32s: a migration's final
+        stage carries all of a long request's tokens, and a JSON list of 8k numbers costs ms to write
+        and read, all of it while the request is suspended."""
+        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("data", "token_ids")}
+        ids = array.array("I", self.token_ids)
+        if sys.byteorder != "little":
+            ids.byteswap()
+        meta["token_ids_b64"] = base64.b64encode(ids.tobytes()).decode()
         meta["layout"] = asdict(self.layout)
         meta["params"] = asdict(self.params)
         return meta
@@ -125,10 +136,13 @@ class KVPayload:
             layout = KVLayout(**meta["layout"])
             params = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()})
             rest = {k: v for k, v in meta.items() if k not in ("layout", "params")}
-            rest["token_ids"] = tuple(rest["token_ids"])
+            if "token_ids_b64" in rest:
+                rest["token_ids"] = tuple(_uint32s(rest.pop("token_ids_b64")))
+            else:
+                rest["token_ids"] = tuple(rest["token_ids"])
             rest["block_keys"] = tuple(rest["block_keys"])
             return cls(layout=layout, params=params, data=data, **rest)
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, binascii.Error) as e:
             raise ValueError(f"malformed KV payload metadata: {e}") from None
 
     def encode(self) -> bytes:
@@ -145,3 +159,14 @@ class KVPayload:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"KV payload header is not valid JSON: {e}") from None
         return cls.from_chunks(meta, [raw[4 + n:]])
+
+
+def _uint32s(text: str) -> array.array:
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) % 4:
+        raise ValueError(f"token_ids_b64 holds {len(raw)} bytes, not a whole number of uint32s")
+    values = array.array("I")
+    values.frombytes(raw)
+    if sys.byteorder != "little":
+        values.byteswap()
+    return values

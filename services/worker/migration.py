@@ -2,7 +2,7 @@
 
     Admit(reserve) on the destination ──(refused: nothing happened)
     stage 0:   every full block, while the request keeps decoding here       ─┐ one PushKV stream,
-    stage k:   the full blocks added meanwhile                                 │ one ack per stage
+    stage k:   the full blocks added meanwhile (each stage in 32 MiB pieces)   │ one ack per piece
     stop-and-copy (fewer than `stop_copy_blocks` new blocks, or `max_stages`): │
                suspend here, send the rest + the request's state             ─┘
     ack resumed=true ──▶ free the request here (its tokens now come from the destination)
@@ -26,7 +26,8 @@ from services.gen.ferry.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.kv_stream import StageQueue
 
 DEFAULT_MAX_STAGES = 4
-DEFAULT_STOP_COPY_BLOCKS = 4
+DEFAULT_STOP_COPY_BLOCKS = 2      # a final stage of at most 1 full block + the partial one
+PIECE_BYTES = 32 * 2**20          # a pre-copy round goes out in pieces of this size
 STAGE_TIMEOUT_S = 60.0            # a pre-copy stage the destination does not acknowledge in time
 STOP_COPY_TIMEOUT_S = 10.0        # the request is paused meanwhile: fail fast and resume it here
 
@@ -46,25 +47,36 @@ class Progress:
     started: float = field(default_factory=time.perf_counter)
 
 
-def export_stage(engine: BaseEngine, progress: Progress, final: bool, min_blocks: int = 1) -> KVExport | None:
-    """On the engine thread: the next stage's planned export, or None when fewer than `min_blocks`
-    new full blocks are ready. The final stage suspends the request first, so nothing changes after
-    it. The bytes are read off the engine thread (`KVExport.read`), so decoding goes on meanwhile."""
-    rid = progress.request_id
-    seq = engine.seqs.get(rid)
-    if seq is None:
-        raise MigrationFailed(f"{rid} finished or was aborted during the migration")
-    if seq.num_preemptions != progress.num_preemptions or seq.is_prefilling:
-        raise MigrationFailed(f"{rid} was preempted on the source during the migration")
-    if final:
-        engine.suspend(rid)
-        progress.suspended_at = time.perf_counter()
-        return engine.plan_export(rid, slice(progress.sent_blocks, None))
+def ready_blocks(engine: BaseEngine, progress: Progress) -> int:
+    """On the engine thread: how many of the request's blocks are full and final here (never its last
+    block, which is still filling). MigrationFailed once the request ended or was preempted."""
+    seq = _still_decoding(engine, progress)
     bs = engine.layout.block_size
-    ready = min(seq.num_computed_tokens // bs, -(-seq.num_computed_tokens // bs) - 1)   # never the last block
-    if ready - progress.sent_blocks < min_blocks:
-        return None
-    return engine.plan_export(rid, slice(progress.sent_blocks, ready))
+    return min(seq.num_computed_tokens // bs, -(-seq.num_computed_tokens // bs) - 1)
+
+
+def export_blocks(engine: BaseEngine, progress: Progress, end: int) -> KVExport:
+    """On the engine thread: plan the export of blocks [sent, end); the bytes are read off the engine
+    thread (`KVExport.read`), so decoding goes on meanwhile."""
+    _still_decoding(engine, progress)
+    return engine.plan_export(progress.request_id, slice(progress.sent_blocks, end))
+
+
+def export_final(engine: BaseEngine, progress: Progress) -> KVExport:
+    """On the engine thread: suspend the request (its last step has ended) and plan the rest."""
+    _still_decoding(engine, progress)
+    engine.suspend(progress.request_id)
+    progress.suspended_at = time.perf_counter()
+    return engine.plan_export(progress.request_id, slice(progress.sent_blocks, None))
+
+
+def _still_decoding(engine: BaseEngine, progress: Progress):
+    seq = engine.seqs.get(progress.request_id)
+    if seq is None:
+        raise MigrationFailed(f"{progress.request_id} finished or was aborted during the migration")
+    if seq.num_preemptions != progress.num_preemptions or seq.is_prefilling:
+        raise MigrationFailed(f"{progress.request_id} was preempted on the source during the migration")
+    return seq
 
 
 def resume_if_suspended(engine: BaseEngine, rid: str) -> None:
@@ -98,16 +110,21 @@ async def migrate(loop, stub: worker_pb2_grpc.WorkerStub, request: worker_pb2.Mi
     stages = StageQueue()
     call = stub.PushKV(stages.chunks())
     acks = call.__aiter__()
+    piece = max(1, PIECE_BYTES // loop.engine.layout.bytes_per_block)
     try:
-        while progress.num_stages < max_stages - 1:
-            planned = await loop.call(export_stage, progress, False, stop_copy_blocks if progress.num_stages else 1)
-            if planned is None:
-                break
-            payload = await asyncio.to_thread(planned.read, loop.engine)
-            await _send(progress, payload, stages, acks, STAGE_TIMEOUT_S)
-            del payload             # free its bytes now: freeing hundreds of MB takes ms we want outside the downtime
-        planned = await loop.call(export_stage, progress, True)
+        while progress.num_stages < max_stages - 1:          # pre-copy rounds
+            ready = await loop.call(ready_blocks, progress)
+            if ready - progress.sent_blocks < (stop_copy_blocks if progress.num_stages else 1):
+                break                                       # little left: the stop-and-copy takes it
+            while progress.sent_blocks < ready:             # in pieces, so no copy holds things up long
+                planned = await loop.call(export_blocks, progress, min(ready, progress.sent_blocks + piece))
+                payload = await asyncio.to_thread(planned.read, loop.engine)
+                await _send(progress, payload, stages, acks, STAGE_TIMEOUT_S)
+                del payload         # free its bytes now, not during the stop-and-copy
+            progress.num_stages += 1
+        planned = await loop.call(export_final, progress)
         await _send(progress, planned.read(loop.engine), stages, acks, STOP_COPY_TIMEOUT_S)
+        progress.num_stages += 1
         now = time.perf_counter()
         return worker_pb2.MigrateReply(migrated=True, num_stages=progress.num_stages,
                                        num_blocks=progress.sent_blocks, num_bytes=progress.num_bytes,
@@ -126,7 +143,6 @@ async def _send(progress: Progress, payload: KVPayload, stages: StageQueue, acks
     stages.put(payload)
     ack = await asyncio.wait_for(acks.__anext__(), timeout)
     progress.sent_blocks += payload.num_blocks
-    progress.num_stages += 1
     progress.num_bytes += len(payload.data)
     if ack.num_blocks != progress.sent_blocks:
         raise MigrationFailed(f"{progress.request_id}: the destination has {ack.num_blocks} blocks, "
