@@ -302,10 +302,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             async for reply in stub.PushKV(flight.stages.chunks()):
                 pass
-        except grpc.aio.AioRpcError as e:
-            await self._abort(rid)
+        except grpc.aio.AioRpcError as e:       # settle first: the client gets the real reason, not "aborted"
             message = f"KV transfer of {rid} to {flight.decode_address} failed: {e.details()}"
             _settle(flight.prefill_done, error=(e.code(), message))
+            await self._abort(rid)
             return
         self._forget(rid)
         _settle(flight.prefill_done, worker_pb2.PrefillReply(num_cached_tokens=flight.num_cached_tokens,
