@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.serving import TRACE, MemorySampler, children, free_port  # noqa: E402
+from bench.serving import TRACE, MemorySampler, children, free_port
 
 PROFILE = ROOT / "bench" / "profiles" / "llama2-7b-a10.yaml"     # Llumnix's setting: LLaMA-7B on an A10
 CONFIGS: dict[str, dict[str, str]] = {
@@ -172,7 +172,7 @@ class ClusterPoller(threading.Thread):
         while not self.done.wait(0.5):
             try:
                 decode = self.list()
-            except Exception:       # noqa: BLE001 (a missed poll is only a missing sample)
+            except Exception:       # noqa: BLE001, S112 (a missed poll is only a missing sample)
                 continue
             if decode:
                 self.samples.append([1 - s.load.num_free_blocks / max(1, s.load.num_blocks) for s in decode])

@@ -35,10 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.migration_rig import Collected, Rig  # noqa: E402
+from tests.migration_rig import Collected, Rig
 
 SIZES = (256, 512, 1024, 2048, 4096, 8192)
 CONTEXT = 8192
+STOP_COPY_BLOCKS = 0       # 0: the worker's default; --stop-copy-blocks
 DECODE_BEFORE = 8          # tokens decoded on A before the migration starts
 DECODE_AFTER = 56          # tokens after it (the request's max_tokens covers both); --decode-after
 
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-after", type=int, default=DECODE_AFTER,
                    help="tokens the request may still generate when the migration starts (enough to outlast "
                         "the pre-copy: raise it where decode is fast, e.g. 400 on a GPU)")
+    p.add_argument("--stop-copy-blocks", type=int, default=0,
+                   help="stop-and-copy once fewer new full blocks than this are ready (0: worker default, 2; "
+                        "1: only the partial block goes in the stop-and-copy)")
     p.add_argument("--repeats", type=int, default=3, help="migrations per size (median reported)")
     p.add_argument("--kv-cache-memory-gb", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads per worker")
@@ -75,7 +79,7 @@ async def one(rig: Rig, a, b, seq_len: int, vocab: int, rng: random.Random, deco
     collecting = asyncio.create_task(rig.collect(rid, out))
     while len(out.tokens) < DECODE_BEFORE:
         await asyncio.sleep(0.001)
-    reply = await rig.migrate(rid, a, b)
+    reply = await rig.migrate(rid, a, b, stop_copy_blocks=STOP_COPY_BLOCKS)
     tokens_at_migration = len(prompt) + len(out.tokens)
     if not reply.migrated:
         raise RuntimeError(f"migration at {seq_len} tokens failed: {reply.reason}")
@@ -89,7 +93,8 @@ async def one(rig: Rig, a, b, seq_len: int, vocab: int, rng: random.Random, deco
 async def run(args: argparse.Namespace, rig: Rig, a, b) -> list[dict]:
     config = json.loads((Path(args.model) / "config.json").read_text())
     vocab = config["vocab_size"]
-    global CONTEXT
+    global CONTEXT, STOP_COPY_BLOCKS
+    STOP_COPY_BLOCKS = args.stop_copy_blocks
     CONTEXT = min(8192, config.get("max_position_embeddings", 8192))
     rng = random.Random(0)
     rows = []

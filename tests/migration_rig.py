@@ -10,7 +10,6 @@ The test is the gateway and the scheduler here, so it picks request ids, workers
 """
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import signal

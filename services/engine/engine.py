@@ -200,12 +200,11 @@ class BaseEngine(ABC):
         if chosen.step != 1:
             raise ValueError("export a contiguous block range (step 1)")
         num_full = min(chosen.stop, seq.num_computed_tokens // self.layout.block_size)
-        return KVExport(dict(
-            layout=self.layout, request_id=request_id, token_ids=tuple(seq.token_ids),
-            num_prompt_tokens=seq.num_prompt_tokens, num_computed_tokens=seq.num_computed_tokens,
-            params=seq.params, seed=seq.seed, first_block=chosen.start, num_blocks=len(chosen),
-            block_keys=tuple(to_hex(seq.block_keys[chosen.start:num_full]))),
-            tuple(seq.block_ids[chosen.start:chosen.stop]))
+        meta = {"layout": self.layout, "request_id": request_id, "token_ids": tuple(seq.token_ids),
+                "num_prompt_tokens": seq.num_prompt_tokens, "num_computed_tokens": seq.num_computed_tokens,
+                "params": seq.params, "seed": seq.seed, "first_block": chosen.start, "num_blocks": len(chosen),
+                "block_keys": tuple(to_hex(seq.block_keys[chosen.start:num_full]))}
+        return KVExport(meta, tuple(seq.block_ids[chosen.start:chosen.stop]))
 
     def import_kv(self, payload: KVPayload) -> bool:
         """Take a payload's blocks; when it is the final one, the request resumes here. Returns that."""

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 def scheduler_flags(items: list[str]) -> list[str]:
     """`--scheduler-arg` items -> the scheduler's flags (`routing-config=x` -> `--routing-config x`).
     ValueError names the item when it is not KEY=VALUE, not a scheduler setting, or one ferry up sets."""
-    from services.scheduler.main import SchedulerSettings   # only the dataclass: no server starts
+    from services.scheduler.main import SchedulerSettings  # only the dataclass: no server starts
 
     known = {f.name.replace("_", "-") for f in dataclasses.fields(SchedulerSettings)}
     flags = []

@@ -6,8 +6,16 @@ with its message, so the core types can assume well-formed values.
 from __future__ import annotations
 
 from services.common.block_keys import ROOT_KEY
-from services.common.cluster import (InstanceSpec, InstanceState, Priority, RequestLoad, RequestPhase, Role,
-                                    RouteRequest, WorkerLoad)
+from services.common.cluster import (
+    InstanceSpec,
+    InstanceState,
+    Priority,
+    RequestLoad,
+    RequestPhase,
+    Role,
+    RouteRequest,
+    WorkerLoad,
+)
 from services.gen.ferry.v1 import common_pb2, scheduler_pb2
 
 ROLE_FROM_PROTO = {common_pb2.ROLE_PREFILL: Role.PREFILL, common_pb2.ROLE_DECODE: Role.DECODE,

@@ -16,9 +16,9 @@ from services.common.settings import parse_settings, setting
 from services.gen.ferry.v1 import scheduler_pb2_grpc
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.migrator import Migrator
-from services.scheduler.policies.migration import MigrationConfig
 from services.scheduler.persistence import RedisPersistence
 from services.scheduler.policies import load_policy
+from services.scheduler.policies.migration import MigrationConfig
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.registry import Registry
 from services.scheduler.server import SchedulerService

@@ -21,7 +21,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.common.cluster import InstanceSpec, InstanceState, Priority, RequestLoad, RequestPhase, Role, WorkerLoad
+from services.common.cluster import (
+    InstanceSpec,
+    InstanceState,
+    Priority,
+    RequestLoad,
+    RequestPhase,
+    Role,
+    WorkerLoad,
+)
 
 log = logging.getLogger("ferry.scheduler.persistence")
 HASH_KEY = "ferry:instances"

@@ -12,8 +12,8 @@ placeholder ids to its vocabulary so that the gateway's tokenizer can decode the
 from __future__ import annotations
 
 import asyncio
-import gc
 import dataclasses
+import gc
 import json
 import logging
 import os

@@ -26,7 +26,7 @@ from services.gen.ferry.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.kv_stream import StageQueue
 
 DEFAULT_MAX_STAGES = 4
-DEFAULT_STOP_COPY_BLOCKS = 2      # a final stage of at most 1 full block + the partial one
+DEFAULT_STOP_COPY_BLOCKS = 1      # the stop-and-copy takes only the partial last block (pre-copy caught up)
 PIECE_BYTES = 32 * 2**20          # a pre-copy round goes out in pieces of this size
 STAGE_TIMEOUT_S = 60.0            # a pre-copy stage the destination does not acknowledge in time
 STOP_COPY_TIMEOUT_S = 10.0        # the request is paused meanwhile: fail fast and resume it here
@@ -101,7 +101,7 @@ async def migrate(loop, stub: worker_pb2_grpc.WorkerStub, request: worker_pb2.Mi
     max_stages = request.max_stages or DEFAULT_MAX_STAGES
     stop_copy_blocks = request.stop_copy_blocks or DEFAULT_STOP_COPY_BLOCKS
     num_blocks, num_preemptions = await loop.call(decoding_state, rid)
-    admit.reserve_blocks = num_blocks + stop_copy_blocks
+    admit.reserve_blocks = num_blocks + stop_copy_blocks + 1     # + what it may fill meanwhile
     try:
         await stub.Admit(admit, timeout=10)
     except grpc.aio.AioRpcError as e:

@@ -87,8 +87,9 @@ def test_bad_arguments_stop_with_a_usage_error(argv, capsys):
 
 
 def test_migration_metrics_are_summed_by_outcome_and_reason():
-    from services.scheduler.metrics import SchedulerMetrics     # the real exposition, label order included
     from prometheus_client import generate_latest
+
+    from services.scheduler.metrics import SchedulerMetrics  # the real exposition, label order included
     metrics = SchedulerMetrics()
     metrics.migrations.labels(reason="load_balance", outcome="migrated").inc(3)
     assert llumnix.parse_migrations(generate_latest(metrics.registry).decode())["migrations"] == 3

@@ -82,7 +82,7 @@ async def test_migration_at_random_points_keeps_greedy_output_identical(live, re
         collecting = asyncio.create_task(rig.collect(rid, out))
         where, migrated = home, 0
         for point in sorted(rng.sample(range(4, 64), 3)):       # three hops, at random token counts
-            await until(lambda: _reached(out, point))
+            await until(lambda point=point: _reached(out, point))
             destination = rng.choice([d for d in decode if d is not where])
             reply = await rig.migrate(rid, where, destination)
             assert reply.migrated, reply.reason
@@ -102,10 +102,16 @@ async def _reached(out: Collected, n: int) -> bool:
     return len(out.tokens) >= n
 
 
+async def start_worker(rig: Rig, name: str, failpoints: str = ""):
+    """One more decode worker (to be killed), slowed at a failpoint so the kill lands where wanted."""
+    worker = rig.launch(name, env={"FERRY_FAILPOINTS": failpoints} if failpoints else None)
+    await asyncio.to_thread(rig.wait_ready, worker)
+    return worker
+
+
 async def test_migration_destination_killed_in_stage0_request_completes_on_source(live, reference):
     rig = live
-    victim = rig.launch("dest-stage0", env={"FERRY_FAILPOINTS": "pushkv.stage0=5"})
-    await asyncio.to_thread(rig.wait_ready, victim)
+    victim = await start_worker(rig, "dest-stage0", "pushkv.stage0=5")
     source = rig.workers["decode-0"]
     prompt = reference.prompt_ids(LONG_PROMPT)
     rid = await rig.submit(prompt, 48, rig.workers["prefill"], source)
@@ -123,8 +129,7 @@ async def test_migration_destination_killed_in_stage0_request_completes_on_sourc
 
 async def test_migration_destination_killed_in_stop_and_copy_request_resumes_on_source(live, reference):
     rig = live
-    victim = rig.launch("dest-final", env={"FERRY_FAILPOINTS": "pushkv.final=5"})
-    await asyncio.to_thread(rig.wait_ready, victim)
+    victim = await start_worker(rig, "dest-final", "pushkv.final=5")
     source = rig.workers["decode-1"]
     prompt = reference.prompt_ids(LONG_PROMPT)
     rid = await rig.submit(prompt, 48, rig.workers["prefill"], source)
@@ -145,8 +150,7 @@ async def test_migration_destination_killed_in_stop_and_copy_request_resumes_on_
 
 async def test_migration_source_killed_after_handoff_request_completes_on_destination(live, reference):
     rig = live
-    source = rig.launch("source-killed")
-    await asyncio.to_thread(rig.wait_ready, source)
+    source = await start_worker(rig, "source-killed")
     destination = rig.workers["decode-2"]
     prompt = reference.prompt_ids(PROMPTS[1])
     rid = await rig.submit(prompt, 64, rig.workers["prefill"], source)
