@@ -86,7 +86,7 @@ class Migrator:
 
     async def _execute(self, m: Migration) -> None:
         source, destination = self.registry.get(m.source_id), self.registry.get(m.destination_id)
-        reason = m.reason.value
+        reason, outcome = m.reason.value, "cancelled"
         try:
             if source is None or destination is None:
                 outcome = "gone"
@@ -109,7 +109,7 @@ class Migrator:
         finally:
             self.in_flight.pop(m.request_id, None)
             self._cooling[m.request_id] = self.clock() + self.cooldown_s
-            self.metrics.migrations.labels(reason=reason, outcome=locals().get("outcome", "cancelled")).inc()
+            self.metrics.migrations.labels(reason=reason, outcome=outcome).inc()
 
     def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         if address not in self._channels:
