@@ -111,8 +111,12 @@ def test_ferry_up_refuses_a_bad_scheduler_arg(item, message):
 @pytest.mark.slow
 def test_one_tiny_run_reports_latency_preemptions_and_migrations(tmp_path):
     out = tmp_path / "llumnix.json"
+    trace = tmp_path / "trace.csv"          # the trace's format; the shared traces may not be beside a clone
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:15:{40 + i:02d}.5000000,{200 + 50 * i},{20 + 5 * i}\n" for i in range(6)))
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "llumnix.py"), "--configs", "ferry",
-                           "--prefill", "1", "--decode", "2", "--num-prompts", "6", "--json", str(out)],
+                           "--prefill", "1", "--decode", "2", "--num-prompts", "6", "--trace", str(trace),
+                           "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "P99 TPOT (ms)" in proc.stdout and "Decode preemptions" in proc.stdout
