@@ -37,6 +37,8 @@ from services.worker.token_pusher import TokenPusher
 
 log = logging.getLogger(__name__)
 ADMIT_TIMEOUT_S = 600.0          # an admitted request with no KV after this long is dropped
+KV_ROOM_WAIT_S = 30.0            # a KV stage that finds no free blocks waits this long for some
+KV_ROOM_POLL_S = 0.02
 MOVED_MEMORY = 10_000            # migrated-away request ids remembered, to forward a late Abort
 PHASES = {"waiting": common_pb2.REQUEST_PHASE_WAITING, "prefilling": common_pb2.REQUEST_PHASE_PREFILLING,
           "decoding": common_pb2.REQUEST_PHASE_DECODING, "suspended": common_pb2.REQUEST_PHASE_MIGRATING,
@@ -53,6 +55,7 @@ class Flight:
     kv_started: bool = False             # decode role: the first KV stage arrived
     stages: StageQueue | None = None
     sender: asyncio.Task | None = None
+    waiting_tokens: int = 0              # decode role: a stage waits here for free KV blocks
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -196,7 +199,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 await failpoints.pause("pushkv.final" if payload.is_final else
                                        "pushkv.stage0" if payload.first_block == 0 else "")
                 num_blocks += payload.num_blocks
-                resumed = await self.loop.call(self._import, payload, flight.tracked)
+                resumed = await self._import_when_room(payload, flight)
                 del payload     # free a big stage's bytes before the ack, not while the next (final) stage waits
                 yield worker_pb2.PushKVReply(resumed=resumed, num_blocks=num_blocks)
                 if resumed:
@@ -212,6 +215,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise
         await self._abort(rid)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rid}: the stream ended before the final stage")
+
+    async def _import_when_room(self, payload, flight: Flight) -> bool:
+        """Import a stage; when the pool has no room for it, wait (steps finish requests and free
+        blocks) rather than refuse: the request is queued here, reported as waiting, and the
+        scheduler's freeness and de-fragmentation see it. OutOfBlocks after KV_ROOM_WAIT_S."""
+        deadline = asyncio.get_running_loop().time() + KV_ROOM_WAIT_S
+        try:
+            while True:
+                try:
+                    return await self.loop.call(self._import, payload, flight.tracked)
+                except OutOfBlocks:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    flight.waiting_tokens = payload.num_blocks * self.engine.layout.block_size
+                    await asyncio.sleep(KV_ROOM_POLL_S)
+        finally:
+            flight.waiting_tokens = 0
 
     def _import(self, engine: BaseEngine, payload, tracked: Tracked) -> bool:
         resumed = engine.import_kv(payload)
@@ -376,7 +396,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                      num_blocks=s["num_blocks"], num_free_blocks=s["num_free_blocks"],
                                      num_cached_blocks=s["num_cached_blocks"],
                                      num_preemptions=s["num_preemptions"], draining=self.draining,
-                                     num_waiting_tokens=s["num_waiting_tokens"], requests=self._request_loads())
+                                     num_waiting_tokens=s["num_waiting_tokens"] + self._tokens_waiting_for_room(),
+                                     requests=self._request_loads())
+
+    def _tokens_waiting_for_room(self) -> int:
+        return sum(f.waiting_tokens for f in self.flights.values())
 
     def _request_loads(self) -> list[common_pb2.RequestLoad]:
         rows = []
@@ -384,9 +408,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             flight = self.flights.get(rid)
             if phase == "decoding" and rid in self.migrations:
                 phase = "suspended"
+            if phase == "arriving" and flight is not None and flight.waiting_tokens:
+                phase, num_tokens = "waiting", flight.waiting_tokens     # queued here for KV room
             rows.append(common_pb2.RequestLoad(
                 request_id=rid, phase=PHASES[phase], num_tokens=num_tokens, num_blocks=num_blocks,
                 priority=flight.tracked.priority if flight else 0, arrival=arrival, max_tokens=max_tokens))
+        listed = {r.request_id for r in rows}
+        rows += [common_pb2.RequestLoad(request_id=rid, phase=common_pb2.REQUEST_PHASE_WAITING,
+                                        num_tokens=f.waiting_tokens, priority=f.tracked.priority)
+                 for rid, f in self.flights.items() if f.waiting_tokens and rid not in listed]
         return rows
 
     def _channel(self, address: str) -> grpc.aio.Channel:
