@@ -8,6 +8,7 @@
     ferry_scheduler_migration_downtime_seconds          histogram: request suspended -> resumed elsewhere
     ferry_scheduler_migration_duration_seconds          histogram: whole migration (all stages)
     ferry_scheduler_migration_bytes_total{reason}       KV bytes moved by completed migrations
+    ferry_scheduler_preemption_notices_total{source}    spot-termination notices (NotifyPreemption), by source
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ class SchedulerMetrics:
         self.migration_duration = Histogram("ferry_scheduler_migration_duration_seconds",
                                             "Time a migration took, all stages", buckets=MIGRATION_BUCKETS,
                                             registry=self.registry)
+        self.preemption_notices = Counter("ferry_scheduler_preemption_notices", "Preemption notices received "
+                                          "by source (node-taint|aws-metadata|gcp-metadata|azure-metadata|admin)",
+                                          ["source"], registry=self.registry)
         self.migration_bytes = Counter("ferry_scheduler_migration_bytes", "KV bytes moved by live migrations",
                                        ["reason"], registry=self.registry)
 

@@ -69,19 +69,21 @@ class Migrator:
         for channel in self._channels.values():
             await channel.close()
 
-    async def drain(self, instance_id: str) -> int:
-        """Stop routing to an instance and move its requests away; returns how many it holds now.
-        KeyError when the instance is unknown; the worker's own Drain is best effort (an instance
-        that cannot be reached is marked draining here all the same)."""
+    async def drain(self, instance_id: str, cancel: bool = False) -> int:
+        """Stop routing to an instance and move its requests away (or, with `cancel`, route to it
+        again); returns how many requests it holds now. KeyError when the instance is unknown; the
+        worker's own Drain is best effort (an instance that cannot be reached is marked here all the same)."""
         state = self.registry.get(instance_id)
         if state is None:
             raise KeyError(instance_id)
-        self.registry.mark_draining(instance_id)
+        self.registry.mark_draining(instance_id, not cancel)
         try:
-            await self._stub(state.spec.address).Drain(worker_pb2.DrainRequest(), timeout=5)
+            await self._stub(state.spec.address).Drain(worker_pb2.DrainRequest(cancel=cancel), timeout=5)
         except grpc.aio.AioRpcError as e:
-            log.warning("Drain on %s failed (%s); it is draining for routing", instance_id, e.code().name)
-        log.info("draining %s (%d requests)", instance_id, len(state.load.requests))
+            log.warning("Drain(cancel=%s) on %s failed (%s); marked for routing only", cancel, instance_id,
+                        e.code().name)
+        log.info("%s %s (%d requests)", "undraining" if cancel else "draining", instance_id,
+                 len(state.load.requests))
         return len(state.load.requests)
 
     async def _execute(self, m: Migration) -> None:

@@ -68,11 +68,12 @@ class Registry:
                                    num_free_blocks=max(0, old.load.num_free_blocks - num_blocks))
         self._states[instance_id] = dataclasses.replace(old, load=load)
 
-    def mark_draining(self, instance_id: str) -> None:
-        """Take an instance out of routing now (its own heartbeats say so too once it got the Drain)."""
+    def mark_draining(self, instance_id: str, draining: bool = True) -> None:
+        """Take an instance out of routing now, or put it back (its own heartbeats say so too once it
+        got the Drain)."""
         old = self._states.get(instance_id)
         if old is not None:
-            self._states[instance_id] = dataclasses.replace(old, load=dataclasses.replace(old.load, draining=True))
+            self._states[instance_id] = dataclasses.replace(old, load=dataclasses.replace(old.load, draining=draining))
 
     def silent_ids(self, now: float, after_s: float) -> list[str]:
         """Ids of instances not heard from for more than `after_s` seconds, in id order."""

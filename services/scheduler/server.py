@@ -90,11 +90,22 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "live migration is off on this scheduler (--migration-interval-s 0)")
         try:
-            num = await self.migrator.drain(request.instance_id)
+            num = await self.migrator.drain(request.instance_id, cancel=request.cancel)
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no instance {request.instance_id!r} is registered")
         await self._save(request.instance_id)
         return scheduler_pb2.DrainInstanceReply(num_requests=num)
+
+    async def NotifyPreemption(self, request, context):
+        """The signal path of a spot termination: the instance is drained (live migration moves its
+        requests) and the notice is counted. Deadline-aware planning builds on this (issue 8)."""
+        if not request.instance_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "instance_id is empty: name the instance to preempt")
+        source = request.source or "unknown"
+        self.metrics.preemption_notices.labels(source=source.split(":", 1)[0]).inc()
+        left_s = request.deadline_unix_s - time.time() if request.deadline_unix_s else float("nan")
+        log.warning("preemption notice for %s from %s (deadline in %.0f s)", request.instance_id, source, left_s)
+        return await self.DrainInstance(scheduler_pb2.DrainInstanceRequest(instance_id=request.instance_id), context)
 
     async def ListInstances(self, request, context):
         snapshot = self.registry.snapshot(self.clock())

@@ -384,7 +384,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.tracked.pop(rid, None)
 
     async def Drain(self, request, context) -> worker_pb2.DrainReply:
-        self.draining = True
+        self.draining = not request.cancel
         return worker_pb2.DrainReply(num_remaining=len(self.flights))
 
     async def Stats(self, request, context) -> worker_pb2.WorkerStats:
