@@ -53,3 +53,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def kube_cluster():
+    """A Kubernetes API server: KUBECONFIG's cluster (kind), else a local control plane with the test
+    kubelet (tests/kube). The first run on a machine builds the binaries (tests/e2e/toolchain.sh)."""
+    from tests.kube.cluster import start_cluster
+
+    cluster = start_cluster()
+    yield cluster
+    cluster.close()
