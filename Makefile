@@ -6,7 +6,7 @@ MODEL_DIR ?= models/SmolLM2-135M-Instruct
 # Marks a completed dependency install; redone when pyproject.toml changes (or delete it to force).
 STAMP     = $(VENV)/.ferry-install.stamp
 
-.PHONY: install run test test-fast bench lint proto
+.PHONY: install run test test-fast bench lint proto k8s-toolchain e2e e2e-kind
 
 install: $(STAMP) proto
 	$(PY) -m services.engine.prepare_model --out $(MODEL_DIR)
@@ -40,6 +40,21 @@ test:
 
 test-fast:
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# Kubernetes (docs/kubernetes.md): kube-apiserver, controller-manager and scheduler v1.20.2 built from
+# Debian's source package, plus helm and kubectl, cached in ~/.cache/ferry/k8s (minutes, once).
+k8s-toolchain:
+	PYTHON=$(PY) bash tests/e2e/toolchain.sh
+
+# The operator, chart and e2e tests against a real API server: KUBECONFIG's cluster if it points at
+# one, else a local control plane with the test kubelet (tests/kube). Also part of `make test`.
+e2e: k8s-toolchain
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m e2e
+
+# The same e2e tests on a kind cluster (needs docker and kind): builds and loads the images, mounts
+# models/ into the nodes, then runs `make e2e` with KUBECONFIG pointing at it.
+e2e-kind:
+	bash tests/e2e/kind.sh
 
 # Engine speed, P→D KV transfer (gRPC vs raw TCP; TTFT with/without disaggregation), and the serving
 # stack under the scaled Azure conversation trace, disaggregated vs colocated. Reports: docs/benchmarks/.

@@ -14,7 +14,8 @@ set -euo pipefail
 K8S_VERSION=1.20.2
 CACHE="${FERRY_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferry/k8s/v$K8S_VERSION}"
 BIN="$CACHE/bin"
-PY="${PYTHON:-python3}"
+PY="$(command -v "${PYTHON:-python3}" || echo "${PYTHON:-python3}")"
+case "$PY" in /*) ;; *) PY="$PWD/$PY" ;; esac
 mkdir -p "$BIN"
 
 have_all() {
@@ -33,9 +34,6 @@ command -v dpkg-source >/dev/null || need_pkgs+=(dpkg-dev)
 command -v etcd >/dev/null || need_pkgs+=(etcd-server)
 command -v openssl >/dev/null || need_pkgs+=(openssl)
 command -v unzip >/dev/null || need_pkgs+=(unzip)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_pkgs[@]}" >&2
-fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/ferry-k8s-build.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
@@ -55,6 +53,9 @@ APT_OPTS=(-o "Dir::Etc::SourceList=$WORK/apt/sources.list" -o "Dir::Etc::SourceP
           -o "Dir::State::Lists=$WORK/apt/lists" -o "Dir::Cache::Archives=$WORK/apt/archives"
           -o "APT::Sandbox::User=root")
 apt-get "${APT_OPTS[@]}" -q update >&2
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTS[@]}" install -y -q "${need_pkgs[@]}" </dev/null >&2
+fi
 
 # --- kubernetes control plane ---------------------------------------------------------------------
 if ! [ -x "$BIN/kube-apiserver" ] || ! [ -x "$BIN/kube-controller-manager" ] || ! [ -x "$BIN/kube-scheduler" ]; then
