@@ -38,6 +38,7 @@ class WorkerSettings:
     served_model_name: str = setting("", "model name in the API and in KV layouts (default: folder name)")
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(50060, "gRPC port (0: any free port)")
+    metrics_port: int = setting(-1, "HTTP port of /metrics, /healthz and /readyz (-1: off, 0: any free port)")
     advertise_address: str = setting("", "host:port others reach this worker at (default: host:port)")
     instance_id: str = setting("", "unique name in the cluster (default: ROLE-HOST-PORT)")
     scheduler_address: str = setting("", "scheduler host:port to register with (empty: stand-alone)")
@@ -70,6 +71,8 @@ class WorkerSettings:
             raise ValueError(f"sim_num_blocks {self.sim_num_blocks}: use 0 (the default) or a positive count")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is outside 0..65535")
+        if not -1 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port {self.metrics_port}: use -1 (off), 0 (any free port) or a port")
 
     @property
     def model_name(self) -> str:
@@ -106,12 +109,18 @@ def build_engine(s: WorkerSettings):
 
 async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
     from services.kvstore.client import KVStoreClient
+    from services.worker.http_endpoint import WorkerProbe, serve_http
     from services.worker.registration import keep_registered
     from services.worker.servicer import WorkerServicer
 
     if s.cpu_threads > 0:
         import torch
         torch.set_num_threads(s.cpu_threads)
+    # Up before the engine loads (minutes for a big model): /healthz answers, /readyz says "loading".
+    probe = WorkerProbe(is_standalone=not s.scheduler_address)
+    http = serve_http(probe, s.host, s.metrics_port) if s.metrics_port >= 0 else None
+    if http is not None:
+        log.info("metrics and probes on http://%s:%d/", s.host, http.server_port)
     engine = await asyncio.to_thread(build_engine, s)
     # Everything alive now (model, tokenizer, torch's modules) lives as long as the process: move it out
     # of the collector's sight, or each full collection walks it all and stalls a step by ~250 ms.
@@ -127,6 +136,7 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     servicer.loop.start()
     await server.start()
+    probe.servicer = servicer
     # The longest request this worker can hold: the model's context, or less when the KV pool is smaller
     # (a longer one is refused at Admit/add_request, so the gateway must not offer it, e.g. as the
     # default max_tokens of a chat request).
@@ -139,14 +149,18 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
         instance = common_pb2.Instance(instance_id=instance_id, role=ROLES[s.role], address=address,
                                        model=s.model_name, block_size=s.block_size,
                                        max_model_len=max_model_len)
-        registration = asyncio.create_task(keep_registered(s.scheduler_address, instance, servicer.load, stop))
+        registration = asyncio.create_task(keep_registered(s.scheduler_address, instance,
+                                                           probe.heartbeat_load(servicer.load), stop))
     await stop.wait()
+    probe.is_stopping = True
     if registration is not None:
         await registration
     await server.stop(grace=2)
     await servicer.close()
     if kvstore is not None:
         await kvstore.close()
+    if http is not None:
+        http.shutdown()
 
 
 def main(argv: list[str] | None = None, role: str | None = None) -> int:
