@@ -6,7 +6,7 @@ MODEL_DIR ?= models/SmolLM2-135M-Instruct
 # Marks a completed dependency install; redone when pyproject.toml changes (or delete it to force).
 STAMP     = $(VENV)/.ferry-install.stamp
 
-.PHONY: install run test test-fast bench lint proto k8s-toolchain e2e e2e-kind
+.PHONY: install run test test-fast bench lint proto k8s-toolchain e2e e2e-kind images
 
 install: $(STAMP) proto
 	$(PY) -m services.engine.prepare_model --out $(MODEL_DIR)
@@ -55,6 +55,14 @@ e2e: k8s-toolchain
 # models/ into the nodes, then runs `make e2e` with KUBECONFIG pointing at it.
 e2e-kind:
 	bash tests/e2e/kind.sh
+
+# Container images (docker/README.md; needs a Docker engine). TORCH_INDEX_URL/TORCH_VARIANT pick torch's build.
+IMAGE_REPO ?= ghcr.io/ferry-serving
+VERSION    ?= 0.1.0
+images:
+	docker build -f docker/Dockerfile -t $(IMAGE_REPO)/ferry:$(VERSION) .
+	docker build -f docker/Dockerfile.worker --build-arg TORCH_VARIANT=$(TORCH_VARIANT) \
+		--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) -t $(IMAGE_REPO)/ferry-worker:$(VERSION) .
 
 # Engine speed, P→D KV transfer (gRPC vs raw TCP; TTFT with/without disaggregation), and the serving
 # stack under the scaled Azure conversation trace, disaggregated vs colocated. Reports: docs/benchmarks/.

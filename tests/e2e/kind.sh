@@ -19,7 +19,9 @@ nodes:
 YAML
 kind get clusters | grep -qx "$CLUSTER" || kind create cluster --name "$CLUSTER" --config "$config"
 docker build -f docker/Dockerfile -t "ghcr.io/ferry-serving/ferry:$TAG" .
-docker build -f docker/Dockerfile.worker --build-arg TORCH_VARIANT=cpu -t "ghcr.io/ferry-serving/ferry-worker:$TAG" .
+# kind nodes have no GPU: a CPU torch build (TORCH_INDEX_URL: PyTorch's CPU wheel index, from the caller)
+docker build -f docker/Dockerfile.worker --build-arg TORCH_VARIANT=cpu \
+  --build-arg TORCH_INDEX_URL="${TORCH_INDEX_URL:?set TORCH_INDEX_URL to PyTorch's CPU wheel index}" -t "ghcr.io/ferry-serving/ferry-worker:$TAG" .
 kind load docker-image --name "$CLUSTER" "ghcr.io/ferry-serving/ferry:$TAG" "ghcr.io/ferry-serving/ferry-worker:$TAG"
 export KUBECONFIG="${KUBECONFIG_KIND:-$(mktemp)}"
 kind get kubeconfig --name "$CLUSTER" > "$KUBECONFIG"
