@@ -1,0 +1,1 @@
+"""Kubernetes operators of Ferry (the kopf operator lives in operators.ferry_operator)."""
