@@ -53,6 +53,11 @@ class EngineLoop:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread.start()
 
+    @property
+    def is_alive(self) -> bool:
+        """The engine thread runs (False before start() and after it died or stopped)."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         self._stopped = True
         self._commands.put(None)

@@ -54,7 +54,7 @@ class WorkerProbe:
     def unhealthy_reason(self) -> str | None:
         loop = self.servicer.loop if self.servicer is not None else None
         # EngineLoop keeps its thread private; a dead one means no step will ever run again.
-        if loop is not None and not loop._thread.is_alive() and not self.is_stopping:
+        if loop is not None and not loop.is_alive and not self.is_stopping:
             return "the engine thread has died"
         return None
 

@@ -6,7 +6,6 @@ until the first heartbeat). The engine-thread check is unit-tested on a stand-in
 """
 from __future__ import annotations
 
-import threading
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
@@ -101,10 +100,7 @@ def test_healthz_fails_once_the_engine_thread_died():
         assert get(port, "/healthz") == (200, "ok\n")
         assert get(port, "/readyz")[0] == 503                   # no servicer yet: the engine is loading
         assert samples(get(port, "/metrics")[1]) == {}
-        thread = threading.Thread(target=lambda: None)
-        thread.start()
-        thread.join()                                           # a dead engine thread
-        probe.servicer = SimpleNamespace(loop=SimpleNamespace(_thread=thread, stats={}), draining=False,
+        probe.servicer = SimpleNamespace(loop=SimpleNamespace(is_alive=False, stats={}), draining=False,  # died
                                          instance_id="w")
         status, reason = get(port, "/healthz")
         assert status == 503 and "engine thread" in reason
