@@ -64,7 +64,11 @@ def is_pool_deployment(obj: dict) -> bool:
 def spec_hash(obj: dict) -> str:
     """Stable hash of what the operator renders (the annotation itself and a pool's replicas left out)."""
     view = copy.deepcopy(obj)
-    (view.get("metadata", {}).get("annotations") or {}).pop(SPEC_HASH, None)
+    meta = view.get("metadata", {})
+    annotations = meta.pop("annotations", None) or {}
+    annotations.pop(SPEC_HASH, None)
+    if annotations:
+        meta["annotations"] = annotations
     if is_pool_deployment(view):
         view.get("spec", {}).pop("replicas", None)
     text = json.dumps(view, sort_keys=True, separators=(",", ":"), default=str)

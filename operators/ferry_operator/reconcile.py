@@ -68,17 +68,18 @@ def _pool_observed(obs: Observed, pool: str) -> PoolObserved:
                         recommendation=obs.recommendations.get(pool))
 
 
-def _to_apply(obs: Observed) -> tuple[dict, ...]:
-    """Missing or changed objects. A pool Deployment keeps its live replicas: scaling is a separate
-    step that comes after the drained pods are deleted."""
+def _to_apply(obs: Observed, decisions: Mapping[str, PoolDecision]) -> tuple[dict, ...]:
+    """Missing or changed objects. A new pool Deployment starts at the desired size; an existing one
+    keeps its live replicas (scaling is a separate step, after the drained pods are deleted)."""
     out = []
     for obj in obs.desired:
         if obs.existing.get(key_of(obj)) == obj["metadata"]["annotations"][SPEC_HASH]:
             continue
-        dep = obs.deployments.get(obj["metadata"]["labels"].get(COMPONENT_LABEL, ""))
-        if is_pool_deployment(obj) and dep is not None:
+        if is_pool_deployment(obj):
+            pool = obj["metadata"]["labels"][COMPONENT_LABEL]
+            dep = obs.deployments.get(pool)
             obj = copy.deepcopy(obj)
-            obj["spec"]["replicas"] = dep.replicas
+            obj["spec"]["replicas"] = decisions[pool].desired if dep is None else dep.replicas
         out.append(obj)
     return tuple(out)
 
@@ -136,7 +137,7 @@ def reconcile(obs: Observed) -> Plan:
               "pools": {p: _pool_status(obs, p, d) for p, d in decisions.items()},
               "conditions": conditions_status(conditions, obs.status.get("conditions"), obs.generation, obs.now)}
     plan = Plan(
-        apply=_to_apply(obs), prune=tuple(sorted(k for k in obs.existing if k not in desired_keys)),
+        apply=_to_apply(obs, decisions), prune=tuple(sorted(k for k in obs.existing if k not in desired_keys)),
         start_drains=tuple(i for d in decisions.values() for i in d.start_drains),
         cancel_drains=tuple(i for d in decisions.values() for i in d.cancel_drains),
         delete_pods=tuple(i for d in decisions.values() for i in d.delete_pods),
