@@ -106,7 +106,7 @@ def decide_pool(obs: PoolObserved, instances: Mapping[str, InstanceLoad] | None,
     done = [r for r in kept if _is_done(live[r.pod], r, instances, now, timeout_s)]
     return PoolDecision(
         desired=desired, replicas=replicas - len(done),
-        records=tuple(r for r in kept if r not in done) + waiting,
+        records=tuple(sorted((r for r in kept if r not in done), key=lambda r: (r.since, r.pod))) + waiting,
         start_drains=tuple(r.pod for r in kept if _drain_needed(r.pod, instances)), cancel_drains=cancel,
         delete_pods=tuple(r.pod for r in done),
         timed_out=tuple(r.pod for r in done if _held_requests(live[r.pod], instances)))

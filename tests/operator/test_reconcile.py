@@ -217,7 +217,7 @@ def worlds(draw):
                     status=status, recommendations={"decode": rec} if rec is not None else {})
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(worlds())
 def test_property_one_plan_reaches_a_fixed_point(obs):
     plan = reconcile(obs)
@@ -226,7 +226,7 @@ def test_property_one_plan_reaches_a_fixed_point(obs):
     assert status_patch(plan.status, again.status) == {}
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(worlds())
 def test_property_scale_down_never_undershoots_and_only_removes_live_pods(obs):
     plan = reconcile(obs)
