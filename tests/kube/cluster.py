@@ -132,7 +132,7 @@ def start_cluster() -> Cluster:
     try:
         api = config.new_client_from_config(str(plane.kubeconfig))
         kubelet = TestKubelet(api, plane.apiserver_port, plane.ca_file,
-                              Path(tempfile.mkdtemp(prefix="ferry-kubelet-"))).start()
+                              Path(tempfile.mkdtemp(prefix="ferry-kubelet-")), plane.service_ip).start()
     except BaseException:
         plane.stop()
         raise

@@ -73,6 +73,8 @@ class ControlPlane:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     apiserver_port: int = 0
     admin_token: str = field(default_factory=lambda: secrets.token_hex(16))
+    # the `kubernetes` Service's address for in-cluster clients (the test kubelet forwards its :443)
+    service_ip: str = field(default_factory=lambda: f"127.{secrets.randbelow(200) + 20}.{secrets.randbelow(256)}.1")
 
     @property
     def server(self) -> str:
@@ -130,7 +132,8 @@ class ControlPlane:
         ca_key = _key()
         ca = _cert("ferry-test-ca", ca_key, None, ca_key, ca=True)
         server_key = _key()
-        sans = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost"),
+        sans = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address(self.service_ip)),
+                x509.DNSName("localhost"),
                 *(x509.DNSName(n) for n in ("kubernetes", "kubernetes.default", "kubernetes.default.svc",
                                             "kubernetes.default.svc.cluster.local"))]
         server = _cert("kube-apiserver", server_key, ca.subject, ca_key, ca=False, sans=sans)

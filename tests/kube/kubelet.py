@@ -5,7 +5,8 @@
                  token (TokenRequest), `unshare --mount` + the container's command in its local image
         status:  Running/Ready from readiness probes, restarts (Always) with back-off, exit codes
         delete:  SIGTERM, the grace period, SIGKILL, then the final delete (grace 0)
-        hosts:   one /etc/hosts for every pod: each Service's names → a ready pod's IP
+        hosts:   one /etc/hosts for every pod: each Service's names → a ready pod's IP, and
+                 kubernetes.default.svc → an address whose :443 forwards to the API server
 
 Like kwok, but the processes are real: requests flow through the pods end to end.
 """
@@ -27,6 +28,7 @@ from kubernetes.client.rest import ApiException
 
 from tests.kube import pod_spec
 from tests.kube.probes import ProbeState, run_probe
+from tests.kube.proxy import TcpForwarder
 
 log = logging.getLogger("ferry.test_kubelet")
 GPU_NODE_CAPACITY = {"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "100Gi", "nvidia.com/gpu": "8"}
@@ -72,9 +74,10 @@ class TestKubelet:
     """`start()` registers the nodes and runs the loop in a thread; `stop()` kills every pod process."""
 
     def __init__(self, api: client.ApiClient, apiserver_port: int, ca_file: Path, workdir: Path,
-                 node_names: tuple[str, ...] = ("ferry-gpu-0", "ferry-gpu-1")):
+                 service_ip: str, node_names: tuple[str, ...] = ("ferry-gpu-0", "ferry-gpu-1")):
         self.core = client.CoreV1Api(api)
-        self.apiserver_port, self.ca_file = apiserver_port, ca_file
+        self.apiserver_port, self.ca_file, self.service_ip = apiserver_port, ca_file, service_ip
+        self.forwarder: TcpForwarder | None = None
         self.workdir, self.node_names = workdir, node_names
         self.hosts_file = workdir / "hosts"
         self.pods: dict[str, PodRun] = {}
@@ -87,6 +90,7 @@ class TestKubelet:
     def start(self) -> TestKubelet:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._write_hosts({})
+        self.forwarder = TcpForwarder((self.service_ip, 443), ("127.0.0.1", self.apiserver_port))
         for name in self.node_names:
             self._register_node(name)
         self._thread.start()
@@ -97,6 +101,8 @@ class TestKubelet:
         self._thread.join(10)
         for run in list(self.pods.values()):
             self._kill(run, grace=3)
+        if self.forwarder is not None:
+            self.forwarder.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def logs(self, namespace: str, pod: str, container: str | None = None) -> str:
@@ -193,8 +199,8 @@ class TestKubelet:
         image = pod_spec.local_image(c["image"])
         if image is None:
             raise ValueError(f"image {c['image']!r} has no local stand-in (tests/kube/pod_spec.py: local_image)")
-        base = {**image.env, "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-                "KUBERNETES_SERVICE_PORT": str(self.apiserver_port), "HOSTNAME": facts.name}
+        base = {**image.env, "KUBERNETES_SERVICE_HOST": self.service_ip, "KUBERNETES_SERVICE_PORT": "443",
+                "HOSTNAME": facts.name}
         env = pod_spec.container_env(c, facts, lambda kind, name, key: self._lookup(facts.namespace, kind, name, key),
                                      base)
         for m in c.get("volumeMounts") or []:
@@ -351,7 +357,8 @@ class TestKubelet:
 
     def _write_hosts(self, names: dict[str, str]) -> None:
         lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback",
-                 "127.0.0.1 kubernetes kubernetes.default kubernetes.default.svc kubernetes.default.svc.cluster.local"]
+                 f"{self.service_ip} kubernetes kubernetes.default kubernetes.default.svc "
+                 "kubernetes.default.svc.cluster.local"]
         lines += [f"{ip} {alias}" for alias, ip in sorted(names.items())]
         text = "\n".join(lines) + "\n"
         if self.hosts_file.exists() and self.hosts_file.read_text() == text:
