@@ -16,7 +16,9 @@ Run: `kopf run --standalone -m operators.ferry_operator.handlers [-n NS | -A]`, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -28,14 +30,20 @@ from urllib3.exceptions import HTTPError
 from operators.ferry_operator.kube import Kube, pod_state
 from operators.ferry_operator.manifests import RenderOptions, render
 from operators.ferry_operator.names import CLUSTER_LABEL, GROUP, PLURAL, POOLS, VERSION, ClusterRef
-from operators.ferry_operator.nodes import Notice, Signal, pending_notices, termination_signal
+from operators.ferry_operator.nodes import (
+    TERMINATION_TAINTS,
+    Notice,
+    Signal,
+    pending_notices,
+    termination_signal,
+)
 from operators.ferry_operator.reconcile import Observed, Plan, reconcile
 from operators.ferry_operator.scheduler_client import SchedulerClient, SchedulerUnavailable
 from operators.ferry_operator.settings import OperatorSettings, load_settings
 from operators.ferry_operator.spec import parse_spec
 from operators.ferry_operator.status import invalid_spec_status, status_patch
 
-SETTINGS: OperatorSettings = load_settings()
+TICK_SECONDS = load_settings().tick_seconds     # the timer's interval is fixed when kopf imports this
 FINALIZER = "serving.ferry.dev/operator"   # kopf's, while a timer runs for the cluster
 log = logging.getLogger("ferry.operator")
 
@@ -43,6 +51,7 @@ log = logging.getLogger("ferry.operator")
 @dataclass
 class Runtime:
     """The operator's in-memory edge state (everything durable lives in the API server)."""
+    settings: OperatorSettings = field(default_factory=OperatorSettings)   # read again at startup
     kube: Kube | None = None
     schedulers: dict[str, SchedulerClient] = field(default_factory=dict)    # address → client
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)            # cluster uid → one reconcile at a time
@@ -50,10 +59,16 @@ class Runtime:
     node_signals: dict[str, Signal] = field(default_factory=dict)           # node → its termination signal
     sent: set[tuple[str, str]] = field(default_factory=set)                 # (node, pod) notified
 
+    def reset(self, settings: OperatorSettings, kube: Kube) -> None:
+        """A fresh start (locks and channels belong to one event loop: kopf.testing runs several)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, f.default_factory() if callable(f.default_factory) else f.default)
+        self.settings, self.kube = settings, kube
+
     def scheduler(self, ref: ClusterRef) -> SchedulerClient:
-        address = SETTINGS.scheduler_address_of(ref.name, ref.namespace)
+        address = self.settings.scheduler_address_of(ref.name, ref.namespace)
         if address not in self.schedulers:
-            self.schedulers[address] = SchedulerClient(address, SETTINGS.grpc_timeout_seconds)
+            self.schedulers[address] = SchedulerClient(address, self.settings.grpc_timeout_seconds)
         return self.schedulers[address]
 
 
@@ -65,7 +80,14 @@ def _api_client() -> client.ApiClient:
         config.load_incluster_config()
         return client.ApiClient()
     except config.ConfigException:
-        return config.new_client_from_config()     # KUBECONFIG, or ~/.kube/config
+        # KUBECONFIG as it is now (the client's own default was read when it was imported)
+        return config.new_client_from_config(os.environ.get("KUBECONFIG") or None)
+
+
+@kopf.on.login()
+def login(**kwargs) -> kopf.ConnectionInfo | None:
+    """In-cluster service account, else KUBECONFIG as it is when the operator starts."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.startup()
@@ -75,11 +97,13 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
     settings.posting.level = logging.WARNING          # events for warnings and errors only
+    # A deleted cluster keeps kopf's finalizer until its timer has returned; kopf checks that this often
+    # (its default, 60 s, would hold every deletion that lands during a reconcile for a minute).
+    settings.background.cancellation_polling = 1.0
     settings.watching.server_timeout = 300             # re-open watches now and then (no silent stalls)
     settings.watching.client_timeout = 330
-    RUNTIME.kube = await asyncio.to_thread(lambda: Kube(_api_client()))
-    logger.info("ferry operator: PodDisruptionBudgets as %s; scheduler address %s; settings %s",
-                RUNTIME.kube.pdb_api_version, SETTINGS.scheduler_address, SETTINGS)
+    RUNTIME.reset(load_settings(), await asyncio.to_thread(lambda: Kube(_api_client())))
+    logger.info("ferry operator: PodDisruptionBudgets as %s; %s", RUNTIME.kube.pdb_api_version, RUNTIME.settings)
 
 
 @kopf.on.cleanup()
@@ -102,9 +126,10 @@ async def ensure_cluster(body: kopf.Body, logger: logging.Logger, **_) -> None:
     await reconcile_cluster(ClusterRef.of(body), logger, force=True)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.tick_seconds)
-async def resync_cluster(body: kopf.Body, logger: logging.Logger, **_) -> None:
-    await reconcile_cluster(ClusterRef.of(body), logger, force=False)
+@kopf.timer(GROUP, VERSION, PLURAL, interval=TICK_SECONDS)
+async def resync_cluster(body: kopf.Body, logger: logging.Logger, stopped: kopf.DaemonStopped, **_) -> None:
+    if not stopped:
+        await reconcile_cluster(ClusterRef.of(body), logger, force=False)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
@@ -125,8 +150,8 @@ async def reconcile_cluster(ref: ClusterRef, logger: logging.Logger, force: bool
             plan = await _reconcile_once(ref, logger, now)
         except (client.ApiException, ResourceNotFoundError, SchedulerUnavailable, HTTPError, OSError) as e:
             RUNTIME.next_due.pop(ref.uid, None)
-            raise kopf.TemporaryError(f"reconcile failed: {e}", delay=SETTINGS.drain_poll_seconds) from e
-        wait = SETTINGS.resync_seconds if plan is None or plan.requeue_after is None else plan.requeue_after
+            raise kopf.TemporaryError(f"reconcile failed: {e}", delay=RUNTIME.settings.drain_poll_seconds) from e
+        wait = RUNTIME.settings.resync_seconds if plan is None or plan.requeue_after is None else plan.requeue_after
         RUNTIME.next_due[ref.uid] = now + wait
 
 
@@ -145,7 +170,8 @@ async def _reconcile_once(ref: ClusterRef, logger: logging.Logger, now: float) -
             logger.warning("invalid spec: %s", e)
             await asyncio.to_thread(kube.patch_status, ref, patch)
         return None
-    options = RenderOptions(SETTINGS.control_plane_image, SETTINGS.worker_image, SETTINGS.bind_pod_ip,
+    settings = RUNTIME.settings
+    options = RenderOptions(settings.control_plane_image, settings.worker_image, settings.bind_pod_ip,
                             kube.pdb_api_version)
     objects = await asyncio.to_thread(kube.observe, ref)
     scheduler = RUNTIME.scheduler(ref)
@@ -157,7 +183,7 @@ async def _reconcile_once(ref: ClusterRef, logger: logging.Logger, now: float) -
     plan = reconcile(Observed(
         spec=spec, generation=generation, desired=render(ref, spec, options), existing=objects.existing,
         deployments=objects.deployments, pods=objects.pods, instances=instances, status=status, now=now,
-        poll_seconds=SETTINGS.drain_poll_seconds))
+        poll_seconds=settings.drain_poll_seconds))
     await execute(ref, plan, status, scheduler, logger)
     if instances is not None:
         await _send_notices(pending_notices([p for pool in POOLS for p in objects.pods.get(pool, ())],
@@ -214,7 +240,14 @@ def _forget_node(node: str) -> None:
     RUNTIME.sent.difference_update({s for s in RUNTIME.sent if s[0] == node})
 
 
-@kopf.on.event("", "v1", "nodes")
+def _is_node_of_interest(body: kopf.Body, **_) -> bool:
+    """Nodes with a termination taint, or that had one: the rest are not even logged as handled."""
+    taints = (body.get("spec") or {}).get("taints") or []
+    return body["metadata"]["name"] in RUNTIME.node_signals or any(
+        t.get("key") in TERMINATION_TAINTS for t in taints)
+
+
+@kopf.on.event("", "v1", "nodes", when=_is_node_of_interest)
 async def watch_node(body: kopf.Body, type: str | None, **_) -> None:
     node = body["metadata"]["name"]
     signal = None if type == "DELETED" else termination_signal(body, time.time())
@@ -227,7 +260,8 @@ async def watch_node(body: kopf.Body, type: str | None, **_) -> None:
     if RUNTIME.kube is None:
         return
     try:
-        pods = await asyncio.to_thread(RUNTIME.kube.worker_pods_on_node, node, SETTINGS.namespace or None)
+        pods = await asyncio.to_thread(RUNTIME.kube.worker_pods_on_node, node,
+                                     RUNTIME.settings.namespace or None)
     except client.ApiException as e:
         log.warning("node %s: cannot list its pods (%s); the clusters' next reconcile sends the notices", node, e)
         return

@@ -113,7 +113,7 @@ def _conditions(obs: Observed, decisions: Mapping[str, PoolDecision]) -> list[Co
         degraded = Condition("Degraded", True, "SchedulerUnreachable",
                              "the scheduler does not answer ListInstances: scale-down waits for it")
     else:
-        degraded = Condition("Degraded", False, "AsExpected", "")
+        degraded = Condition("Degraded", False, "AsExpected", "the scheduler answers")   # never "": 1.20 rejects it
     return [serving, progressing, degraded]
 
 
