@@ -59,8 +59,9 @@ def deployment_state(dep: Mapping[str, Any]) -> DeploymentState:
 class Kube:
     """A DynamicClient and the handful of calls the operator makes."""
 
-    def __init__(self, api: client.ApiClient, pdb_api_version: str | None = None) -> None:
+    def __init__(self, api: client.ApiClient, pdb_api_version: str | None = None, timeout_s: float = 15.0) -> None:
         self.dyn = DynamicClient(api)
+        self.timeout = {"_request_timeout": timeout_s}     # every call: a hung connection must not stall a cluster
         self.pdb_api_version = pdb_api_version or self.discover_pdb_api_version()
 
     def discover_pdb_api_version(self) -> str:
@@ -76,8 +77,8 @@ class Kube:
                 (self.pdb_api_version, "PodDisruptionBudget"))
 
     def _list(self, api_version: str, kind: str, namespace: str | None, **selectors: str) -> list[dict]:
-        items = self.dyn.get(self._resource(api_version, kind), namespace=namespace, **selectors).to_dict()
-        return items.get("items") or []
+        found = self.dyn.get(self._resource(api_version, kind), namespace=namespace, **selectors, **self.timeout)
+        return found.to_dict().get("items") or []
 
     def observe(self, ref: ClusterRef) -> ClusterObjects:
         existing: dict[ObjectKey, str] = {}
@@ -100,36 +101,37 @@ class Kube:
         """The InferenceCluster as it is now (None: deleted). Read fresh on every reconcile: the drain
         records in its status must never be older than the last status this operator wrote."""
         try:
-            return self.dyn.get(self._resource(API_VERSION, KIND), name=ref.name, namespace=ref.namespace).to_dict()
+            return self.dyn.get(self._resource(API_VERSION, KIND), name=ref.name, namespace=ref.namespace,
+                                **self.timeout).to_dict()
         except NotFoundError:
             return None
 
     def apply(self, obj: dict) -> None:
         self.dyn.server_side_apply(self._resource(obj["apiVersion"], obj["kind"]), body=obj,
-                                   field_manager=MANAGER, force_conflicts=True)
+                                   field_manager=MANAGER, force_conflicts=True, **self.timeout)
 
     def delete(self, namespace: str, key: ObjectKey) -> None:
         kind, name = key
         api_version = {k: v for v, k in self._kinds()}[kind]
         try:
-            self.dyn.delete(self._resource(api_version, kind), name=name, namespace=namespace)
+            self.dyn.delete(self._resource(api_version, kind), name=name, namespace=namespace, **self.timeout)
         except NotFoundError:
             pass
 
     def delete_pod(self, namespace: str, name: str) -> None:
         try:
-            self.dyn.delete(self._resource("v1", "Pod"), name=name, namespace=namespace)
+            self.dyn.delete(self._resource("v1", "Pod"), name=name, namespace=namespace, **self.timeout)
         except NotFoundError:
             pass
 
     def scale(self, ref: ClusterRef, pool: str, replicas: int) -> None:
         self.dyn.patch(self._resource("apps/v1", "Deployment"), name=ref.object_name(pool), namespace=ref.namespace,
-                       body={"spec": {"replicas": replicas}}, content_type=MERGE_PATCH)
+                       body={"spec": {"replicas": replicas}}, content_type=MERGE_PATCH, **self.timeout)
 
     def patch_status(self, ref: ClusterRef, patch: Mapping[str, Any]) -> None:
         resource = self._resource(API_VERSION, KIND)
         self.dyn.patch(resource.status, name=ref.name, namespace=ref.namespace, body={"status": dict(patch)},
-                       content_type=MERGE_PATCH)
+                       content_type=MERGE_PATCH, **self.timeout)
 
     def worker_pods_on_node(self, node: str, namespace: str | None) -> list[dict]:
         """Ferry worker pods bound to `node` (every namespace when `namespace` is None)."""
