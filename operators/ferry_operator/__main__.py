@@ -7,7 +7,6 @@ endpoint at http://<host>:<health_port>/healthz (<host> is $POD_IP when bind_pod
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import sys
 
@@ -21,17 +20,10 @@ def liveness_endpoint(settings: OperatorSettings, pod_ip: str | None) -> str | N
     return f"http://{host}:{settings.health_port}/healthz"
 
 
-class QuietTicks(logging.Filter):
-    """Drops kopf's "Timer 'resync_cluster' succeeded." (one line per cluster per second, no news)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno == logging.INFO and str(record.msg).startswith("Timer 'resync_cluster' succeeded"))
-
-
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(sys.argv[1:] if argv is None else argv)
-    # handlers.py reads its settings from the env when imported (a timer's interval is fixed there):
-    # hand the flags on through the env so both see the same values.
+    # handlers.py reads its settings from the env at startup: hand the flags on through the env so
+    # both see the same values.
     for f in dataclasses.fields(settings):
         os.environ[ENV_PREFIX + f.name.upper()] = str(getattr(settings, f.name))
     import kopf
@@ -39,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     from operators.ferry_operator import handlers  # noqa: F401  (registers the handlers with kopf)
 
     kopf.configure(verbose=os.environ.get("FERRY_LOG_LEVEL", "").upper() == "DEBUG")
-    logging.getLogger("kopf.objects").addFilter(QuietTicks())
     kopf.run(standalone=True, clusterwide=not settings.namespace,
              namespaces=[settings.namespace] if settings.namespace else (),
              liveness_endpoint=liveness_endpoint(settings, os.environ.get("POD_IP")))

@@ -1,12 +1,16 @@
 """The kopf handlers: observe the API server and the scheduler, call the pure core, carry out its plan.
 
-    InferenceCluster  resume/create/update + a timer ─▶ reconcile_cluster():
+    InferenceCluster  resume/create/update + a resync loop ─▶ reconcile_cluster():
         read the cluster fresh ─▶ parse_spec ─▶ render ─▶ observe objects/pods ─▶ ListInstances
         ─▶ reconcile() ─▶ apply/prune ─▶ cancel drains ─▶ status (drain records) ─▶ start drains
         ─▶ delete drained pods ─▶ scale ─▶ preemption notices for pods on tainted nodes
     Node              on.event ─▶ termination_signal() ─▶ NotifyPreemption for its Ferry workers
 
-Failures raise kopf.TemporaryError(delay=…) (kopf retries; never a sleep here). Node events are not
+Failures raise kopf.TemporaryError(delay=…) (kopf retries; never a sleep here). The periodic,
+level-triggered pass is one loop over every InferenceCluster rather than a kopf timer: kopf puts a
+finalizer on objects with timers, and a finalizer outliving its operator (`helm uninstall` removes
+both at once) makes deleting the cluster hang. Without one, deletion never waits for the operator;
+owner references let the API server's garbage collector remove what the cluster owned. Node events are not
 retried by kopf, so a notice that fails there is sent by the cluster's next reconcile instead: both
 paths share one record of what was sent, so each (node, pod) gets one notice.
 
@@ -43,8 +47,6 @@ from operators.ferry_operator.settings import OperatorSettings, load_settings
 from operators.ferry_operator.spec import parse_spec
 from operators.ferry_operator.status import invalid_spec_status, status_patch
 
-TICK_SECONDS = load_settings().tick_seconds     # the timer's interval is fixed when kopf imports this
-FINALIZER = "serving.ferry.dev/operator"   # kopf's, while a timer runs for the cluster
 log = logging.getLogger("ferry.operator")
 
 
@@ -58,11 +60,13 @@ class Runtime:
     next_due: dict[str, float] = field(default_factory=dict)                # cluster uid → unix s
     node_signals: dict[str, Signal] = field(default_factory=dict)           # node → its termination signal
     sent: set[tuple[str, str]] = field(default_factory=set)                 # (node, pod) notified
+    resync: asyncio.Task | None = None                                      # the periodic pass
 
     def reset(self, settings: OperatorSettings, kube: Kube) -> None:
         """A fresh start (locks and channels belong to one event loop: kopf.testing runs several)."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, f.default_factory() if callable(f.default_factory) else f.default)
+        self.resync = None
         self.settings, self.kube = settings, kube
 
     def scheduler(self, ref: ClusterRef) -> SchedulerClient:
@@ -92,22 +96,22 @@ def login(**kwargs) -> kopf.ConnectionInfo | None:
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) -> None:
-    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
     settings.posting.level = logging.WARNING          # events for warnings and errors only
-    # A deleted cluster keeps kopf's finalizer until its timer has returned; kopf checks that this often
-    # (its default, 60 s, would hold every deletion that lands during a reconcile for a minute).
-    settings.background.cancellation_polling = 1.0
     settings.watching.server_timeout = 300             # re-open watches now and then (no silent stalls)
     settings.watching.client_timeout = 330
     RUNTIME.reset(load_settings(), await asyncio.to_thread(lambda: Kube(_api_client())))
+    RUNTIME.resync = asyncio.create_task(_resync_forever(logger), name="ferry-resync")
     logger.info("ferry operator: PodDisruptionBudgets as %s; %s", RUNTIME.kube.pdb_api_version, RUNTIME.settings)
 
 
 @kopf.on.cleanup()
 async def cleanup(**_) -> None:
+    if RUNTIME.resync is not None:
+        RUNTIME.resync.cancel()
+        await asyncio.gather(RUNTIME.resync, return_exceptions=True)
     for scheduler in RUNTIME.schedulers.values():
         await scheduler.close()
     RUNTIME.schedulers.clear()
@@ -126,10 +130,24 @@ async def ensure_cluster(body: kopf.Body, logger: logging.Logger, **_) -> None:
     await reconcile_cluster(ClusterRef.of(body), logger, force=True)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=TICK_SECONDS)
-async def resync_cluster(body: kopf.Body, logger: logging.Logger, stopped: kopf.DaemonStopped, **_) -> None:
-    if not stopped:
-        await reconcile_cluster(ClusterRef.of(body), logger, force=False)
+async def _resync_forever(logger: logging.Logger) -> None:
+    """Every tick, each cluster whose reconcile is due (resync_seconds when settled, sooner while it
+    converges): the level-triggered half, which catches what no event announces (pods becoming
+    ready, drains finishing, the scheduler coming back)."""
+    while True:
+        await asyncio.sleep(RUNTIME.settings.tick_seconds)
+        try:
+            refs = await asyncio.to_thread(_kube().list_clusters, RUNTIME.settings.namespace or None)
+        except (client.ApiException, HTTPError, OSError, kopf.TemporaryError) as e:
+            logger.warning("resync: cannot list InferenceClusters: %s", e)
+            continue
+        for ref in refs:
+            try:
+                await reconcile_cluster(ref, logger, force=False)
+            except kopf.TemporaryError as e:
+                logger.warning("resync of %s/%s: %s", ref.namespace, ref.name, e)
+            except Exception:   # one broken cluster must not stop the others' resync
+                logger.exception("resync of %s/%s failed", ref.namespace, ref.name)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)

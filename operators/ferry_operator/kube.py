@@ -106,6 +106,11 @@ class Kube:
         except NotFoundError:
             return None
 
+    def list_clusters(self, namespace: str | None) -> list[ClusterRef]:
+        """Every InferenceCluster in `namespace` (None: all namespaces)."""
+        items = self.dyn.get(self._resource(API_VERSION, KIND), namespace=namespace, **self.timeout).to_dict()["items"]
+        return [ClusterRef.of(item) for item in items if not item["metadata"].get("deletionTimestamp")]
+
     def apply(self, obj: dict) -> None:
         self.dyn.server_side_apply(self._resource(obj["apiVersion"], obj["kind"]), body=obj,
                                    field_manager=MANAGER, force_conflicts=True, **self.timeout)

@@ -106,10 +106,10 @@ def scheduler_metric(rel: Release, name: str, labels: str = "") -> float:
 
 
 def scheduler_instances(rel: Release) -> dict[str, scheduler_pb2.InstanceStatus]:
-    with rel.cluster.service_address(rel.namespace, f"{RELEASE}-scheduler", 50050) as addr:
-        with grpc.insecure_channel(addr) as channel:
-            reply = scheduler_pb2_grpc.SchedulerStub(channel).ListInstances(scheduler_pb2.ListInstancesRequest(),
-                                                                            timeout=10)
+    with rel.cluster.service_address(rel.namespace, f"{RELEASE}-scheduler", 50050) as addr, \
+            grpc.insecure_channel(addr) as channel:
+        reply = scheduler_pb2_grpc.SchedulerStub(channel).ListInstances(scheduler_pb2.ListInstancesRequest(),
+                                                                        timeout=10)
     return {s.instance.instance_id: s for s in reply.instances}
 
 
@@ -178,7 +178,7 @@ def test_e2e_scale_down_drains_first_and_streams_complete(release):
 
 
 def test_e2e_spot_termination_taint_drains_the_nodes_workers(release):
-    cluster, ns = release.cluster, release.namespace
+    cluster = release.cluster
     pod = release.pods("decode")[0]
     node = pod["spec"]["nodeName"]
     notices_before = scheduler_metric(release, "ferry_scheduler_preemption_notices_total", 'source="node-taint"')

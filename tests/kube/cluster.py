@@ -42,7 +42,7 @@ class Cluster:
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
 
     def _run(self, tool: str, args: tuple[str, ...], input: str | None, check: bool, timeout: float):
-        proc = subprocess.run([str(self.bin_dir / tool), *args], input=input, text=True, capture_output=True,
+        proc = subprocess.run([str(self.bin_dir / tool), *args], check=False, input=input, text=True, capture_output=True,
                               env=self.env(), timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{tool} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -53,7 +53,7 @@ def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
 
 def _cert(subject: str, key, issuer_name: x509.Name | None, issuer_key, *, ca: bool,
           sans: list[x509.GeneralName] = ()) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name or name)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())

@@ -36,7 +36,7 @@ BACKOFF_S = (1, 2, 4, 8, 10)
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -357,8 +357,7 @@ class TestKubelet:
 
     def _write_hosts(self, names: dict[str, str]) -> None:
         lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback",
-                 f"{self.service_ip} kubernetes kubernetes.default kubernetes.default.svc "
-                 "kubernetes.default.svc.cluster.local"]
+                 f"{self.service_ip} kubernetes kubernetes.default kubernetes.default.svc kubernetes.default.svc.cluster.local"]
         lines += [f"{ip} {alias}" for alias, ip in sorted(names.items())]
         text = "\n".join(lines) + "\n"
         if self.hosts_file.exists() and self.hosts_file.read_text() == text:

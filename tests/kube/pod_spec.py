@@ -115,7 +115,7 @@ def container_env(container: dict, facts: PodFacts, lookup, base: dict[str, str]
 
 def command_line(container: dict, image: LocalImage, env: dict[str, str]) -> list[str]:
     command = container.get("command") or list(image.entrypoint)
-    args = container.get("args") or ([] if container.get("command") else [])
+    args = container.get("args") or []   # args replace the image's CMD; our images have none
     return [expand(c, env) for c in [*command, *args]]
 
 

@@ -33,7 +33,7 @@ def run_probe(probe: dict, container: dict, pod_ip: str, env: dict[str, str]) ->
             with socket.create_connection((t.get("host") or pod_ip, resolve_port(t["port"], container)), timeout):
                 return True
         if "exec" in probe:
-            return subprocess.run(probe["exec"]["command"], env=env, timeout=timeout,
+            return subprocess.run(probe["exec"]["command"], check=False, env=env, timeout=timeout,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
     except (OSError, urllib.error.URLError, subprocess.TimeoutExpired, ValueError):
         return False

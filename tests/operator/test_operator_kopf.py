@@ -89,7 +89,9 @@ def test_operator_renders_owns_reports_and_scales(kube_cluster, crd, monkeypatch
         assert eventually(lambda: observed_generation() == generation, timeout=30, interval=0.5)
         assert get(kube_cluster, "inferencecluster", NAME, ns)["status"]["pools"]["decode"]["replicas"] == 3
 
-        # deleted while the operator runs: its finalizer goes, the API server's GC takes the rest
+        # no finalizer: deleting a cluster never waits for the operator (helm uninstall removes both)
+        assert not get(kube_cluster, "inferencecluster", NAME, ns)["metadata"].get("finalizers")
+        # deleted while the operator runs: the API server's GC takes what it owned
         kube_cluster.kubectl("delete", "inferencecluster", NAME, "-n", ns, "--timeout=30s")
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0, runner.output
