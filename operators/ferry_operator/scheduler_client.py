@@ -46,23 +46,21 @@ class SchedulerClient:
 
     async def drain(self, instance_id: str, cancel: bool = False) -> int | None:
         request = scheduler_pb2.DrainInstanceRequest(instance_id=instance_id, cancel=cancel)
-        try:
-            reply = await self._stub.DrainInstance(request, timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise self._error("DrainInstance", e) from None
-        return reply.num_requests
+        return await self._num_requests("DrainInstance", request)
 
     async def notify_preemption(self, instance_id: str, deadline_unix_s: float, source: str) -> int | None:
         notice = scheduler_pb2.PreemptionNotice(instance_id=instance_id, deadline_unix_s=deadline_unix_s,
                                                 source=source)
+        return await self._num_requests("NotifyPreemption", notice)
+
+    async def _num_requests(self, method: str, request) -> int | None:
+        """Call a drain-like RPC: the instance's request count, None when the scheduler does not know it."""
         try:
-            reply = await self._stub.NotifyPreemption(notice, timeout=self.timeout_s)
+            reply = await getattr(self._stub, method)(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return None
-            raise self._error("NotifyPreemption", e) from None
+            raise self._error(method, e) from None
         return reply.num_requests
 
     async def close(self) -> None:
