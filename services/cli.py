@@ -4,6 +4,7 @@
     ferry serve gateway|scheduler|prefill|decode|kvstore [options]
     ferry up [--prefill N --decode M | --colocated]
     ferry bench --base-url http://127.0.0.1:8000 ...
+    ferry profile --model models/SmolLM2-135M-Instruct --device cpu --out services/engine/profiles/NAME.yaml
 
 Each subcommand imports its service only when it runs, so ``ferry --help`` stays fast and a
 subcommand's heavy dependencies (torch, transformers) load only when needed. Everything after the
@@ -54,11 +55,19 @@ def _bench(argv: list[str]) -> int:
     return int(bench_main(argv) or 0)
 
 
+def _profile(argv: list[str]) -> int:
+    """Measure the real engine and write a sim profile (``services.engine.profiler``)."""
+    from services.engine.profiler import main as profile_main
+
+    return int(profile_main(argv) or 0)
+
+
 COMMANDS: dict[str, tuple[Handler, str]] = {
     "generate": (_generate, "generate text with the engine (options: ferry generate --help)"),
     "serve": (_serve, f"run one service: {', '.join(SERVICES)} (ferry serve NAME --help)"),
     "up": (_up, "start the whole stack on this machine (ferry up --help)"),
     "bench": (_bench, "benchmark an OpenAI-compatible endpoint (ferry bench --help)"),
+    "profile": (_profile, "measure the engine and write its sim profile YAML (ferry profile --help)"),
 }
 
 
