@@ -5,6 +5,7 @@
     ferry up [--prefill N --decode M | --colocated]
     ferry bench --base-url http://127.0.0.1:8000 ...
     ferry profile --model models/SmolLM2-135M-Instruct --device cpu --out services/engine/profiles/NAME.yaml
+    ferry sim --trace ../shared/data/traces/azure_llm_2023_conv.csv --config llama3-8b-h100-disagg
 
 Each subcommand imports its service only when it runs, so ``ferry --help`` stays fast and a
 subcommand's heavy dependencies (torch, transformers) load only when needed. Everything after the
@@ -62,12 +63,20 @@ def _profile(argv: list[str]) -> int:
     return int(profile_main(argv) or 0)
 
 
+def _sim(argv: list[str]) -> int:
+    """Simulate a cluster over a trace (``services.sim.cli``)."""
+    from services.sim.cli import main as sim_main
+
+    return int(sim_main(argv) or 0)
+
+
 COMMANDS: dict[str, tuple[Handler, str]] = {
     "generate": (_generate, "generate text with the engine (options: ferry generate --help)"),
     "serve": (_serve, f"run one service: {', '.join(SERVICES)} (ferry serve NAME --help)"),
     "up": (_up, "start the whole stack on this machine (ferry up --help)"),
     "bench": (_bench, "benchmark an OpenAI-compatible endpoint (ferry bench --help)"),
     "profile": (_profile, "measure the engine and write its sim profile YAML (ferry profile --help)"),
+    "sim": (_sim, "simulate a cluster over a trace with the live policies (ferry sim --help)"),
 }
 
 

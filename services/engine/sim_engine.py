@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -63,14 +64,18 @@ class SimProfile:
         return cls(**{f.name: types[f.type](data[f.name]) for f in fields(cls) if f.name in data})
 
     def step_seconds(self, step: SchedulerOutput) -> float:
-        tokens = step.num_tokens
         context_read = sum(c.start + c.num_tokens for c in step.chunks)
         # Every new token attends on average to half of its chunk plus the cached tokens before it.
         attended = sum(c.num_tokens * (c.start + (c.num_tokens + 1) / 2) for c in step.chunks)
+        return float(self.seconds(step.num_tokens, attended, context_read))
+
+    def seconds(self, tokens, attended, context_read):
+        """The model on numbers or numpy arrays alike (the cluster simulator times every instance's step
+        at once): `tokens` computed, `attended` token pairs of attention, `context_read` KV tokens read."""
         compute = (2 * self.num_params * tokens + 4 * self.num_layers * self.hidden_size * attended) / self.flops
         weights = self.weight_bytes or 2 * self.num_params
         memory = (weights + self.kv_bytes_per_token * context_read) / self.memory_bandwidth
-        return self.step_overhead_s + max(compute, memory)
+        return self.step_overhead_s + np.maximum(compute, memory)
 
 
 # The sim's own KV is tiny but real (never written by steps, so a step costs no tensor work): export and

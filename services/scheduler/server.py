@@ -27,8 +27,8 @@ from services.scheduler import convert
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.migrator import Migrator
 from services.scheduler.persistence import RedisPersistence
-from services.scheduler.policies.routing import RoutingPolicy, decide
-from services.scheduler.prefix_index import KVSTORE_ID, PrefixIndex
+from services.scheduler.policies.routing import RoutingPolicy, decide, record_route
+from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.registry import Registry
 
 log = logging.getLogger("ferry.scheduler")
@@ -136,8 +136,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     def _apply(self, req: RouteRequest, route: Route) -> None:
         """Remember the prefix on the prefill instance and count the request against both loads."""
-        self.prefix_index.record(req.block_keys, route.prefill_id)
-        self.prefix_index.record(req.block_keys, KVSTORE_ID)   # the prefill worker writes them to the store
+        record_route(self.prefix_index, req, route)
         decode = self.registry.get(route.decode_id)
         self.registry.reserve(route.decode_id, decode.spec.num_blocks_for(req.num_total_tokens))
         if not route.is_colocated:

@@ -37,7 +37,8 @@ class InstanceTable:
     """Columns of one snapshot's instances. Treat as read-only: a cache shares it between decisions."""
 
     def __init__(self, instances: Sequence[InstanceState], columns: dict[str, np.ndarray],
-                 model_codes: dict[str, int], same_ids_as: InstanceTable | None = None) -> None:
+                 model_codes: dict[str, int], same_ids_as: InstanceTable | None = None,
+                 ids: Sequence[str] | None = None) -> None:
         self.instances = tuple(instances)
         self.model_codes = model_codes
         self.columns = columns
@@ -47,7 +48,7 @@ class InstanceTable:
         if same_ids_as is not None:     # the id-derived parts only change when the id list does
             self.ids, self.row_of, self.id_rank = same_ids_as.ids, same_ids_as.row_of, same_ids_as.id_rank
             return
-        self.ids = tuple(i.instance_id for i in self.instances)
+        self.ids = tuple(ids) if ids is not None else tuple(i.instance_id for i in self.instances)
         self.row_of = {instance_id: row for row, instance_id in enumerate(self.ids)}
         # rank of each row's id among all ids: ties and round-robin go by id, whatever the row order
         self.id_rank = np.empty(len(self.ids), dtype=np.int64)
@@ -55,6 +56,28 @@ class InstanceTable:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @classmethod
+    def from_columns(cls, ids: Sequence[str], columns: dict[str, np.ndarray],
+                     model_codes: dict[str, int]) -> InstanceTable:
+        """A table straight from columns (the simulator keeps its instances as arrays, not objects)."""
+        missing = set(COLUMNS) - set(columns)
+        if missing:
+            raise ValueError(f"missing instance columns {sorted(missing)}")
+        table = cls((), {name: np.asarray(columns[name], dtype=dtype) for name, dtype in COLUMNS.items()},
+                    model_codes, same_ids_as=None, ids=ids)
+        return table
+
+    def copy(self) -> InstanceTable:
+        """Same ids, private columns: `reserve` may change this one without touching the original."""
+        return InstanceTable(self.instances, {k: v.copy() for k, v in self.columns.items()},
+                             dict(self.model_codes), same_ids_as=self)
+
+    def reserve(self, row: int, num_blocks: int) -> None:
+        """Count a routed request against a row until fresh load replaces it: one more queued request,
+        `num_blocks` fewer free blocks. The same change Registry.reserve makes to an InstanceState."""
+        self.num_queued[row] += 1
+        self.num_free_blocks[row] = max(0, int(self.num_free_blocks[row]) - num_blocks)
 
     def model_mask(self, model: str) -> np.ndarray:
         return self.columns["model_code"] == self.model_codes.get(model, -1)

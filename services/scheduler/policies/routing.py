@@ -28,6 +28,7 @@ import numpy as np
 
 from services.common.cluster import ClusterSnapshot, NoRoute, Role, Route, RouteRequest
 from services.scheduler.policies.instance_table import InstanceTable, TableCache
+from services.scheduler.prefix_index import KVSTORE_ID
 
 
 class Phase(enum.Enum):
@@ -84,6 +85,11 @@ class RouteContext:
 class PrefixLookup(Protocol):
     """Read-only view of the prefix index (prefix_index.PrefixIndex)."""
     def match(self, keys: Sequence[bytes]) -> Mapping[str, int]: ...
+
+
+class PrefixRecorder(PrefixLookup, Protocol):
+    """The prefix index as `decide_many` uses it: it also records each route."""
+    def record(self, keys: Sequence[bytes], instance_id: str) -> None: ...
 
 
 class Filter(Protocol):
@@ -201,9 +207,58 @@ def pick(ctx: RouteContext, profile: RoutingProfile, rows: np.ndarray) -> str:
 
 def decide(snapshot: ClusterSnapshot, request: RouteRequest, policy: RoutingPolicy,
            prefix_index: PrefixLookup, *, ordinal: int = 0) -> Route | NoRoute:
-    """Where to prefill and where to decode `request`, or why nowhere."""
+    """Where to prefill and where to decode `request`, or why nowhere. Reads only: the caller applies
+    the decision (Registry.reserve, record_route)."""
+    return _decide(snapshot, policy.tables.table_for(snapshot), request, policy, prefix_index, ordinal)
+
+
+def decide_many(snapshot: ClusterSnapshot, requests: Sequence[RouteRequest], policy: RoutingPolicy,
+                prefix_index: PrefixRecorder, *, first_ordinal: int = 0,
+                table: InstanceTable | None = None) -> list[Route | NoRoute]:
+    """Route `requests` in order, as the server routes one Route call after another: each request sees
+    the reservations (`reserve_route`) and prefix records (`record_route`) of the ones before it, so
+    the result equals `decide` + apply per request, without rebuilding the table in between.
+
+    `table`: the instances as columns, reserved in place (the simulator keeps one per heartbeat and
+    routes every arrival until the next against it); default: a private copy of the snapshot's. The
+    prefix index is updated, as the server's is.
+    """
+    table = table if table is not None else policy.tables.table_for(snapshot).copy()
+    decisions: list[Route | NoRoute] = []
+    for k, request in enumerate(requests):
+        decision = _decide(snapshot, table, request, policy, prefix_index, first_ordinal + k)
+        if isinstance(decision, Route):
+            reserve_route(table, request, decision)
+            record_route(prefix_index, request, decision)
+        decisions.append(decision)
+    return decisions
+
+
+def reserve_route(table: InstanceTable, request: RouteRequest, route: Route) -> None:
+    """Count a routed request against its instances' rows: its whole length on the decode instance, its
+    prompt on a separate prefill instance (the server makes the same change through Registry.reserve)."""
+    decode_row = table.row_of[route.decode_id]
+    table.reserve(decode_row, _blocks(request.num_total_tokens, int(table.block_size[decode_row])))
+    if not route.is_colocated:
+        prefill_row = table.row_of[route.prefill_id]
+        table.reserve(prefill_row, _blocks(request.num_prompt_tokens, int(table.block_size[prefill_row])))
+
+
+def record_route(prefix_index: PrefixRecorder, request: RouteRequest, route: Route) -> None:
+    """Remember the prompt's blocks on the prefill instance and in the kvstore (the prefill worker
+    writes them there), for later requests' prefix affinity."""
+    if request.block_keys:
+        prefix_index.record(request.block_keys, route.prefill_id)
+        prefix_index.record(request.block_keys, KVSTORE_ID)
+
+
+def _blocks(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size) if block_size > 0 else 0
+
+
+def _decide(snapshot: ClusterSnapshot, table: InstanceTable, request: RouteRequest, policy: RoutingPolicy,
+            prefix_index: PrefixLookup, ordinal: int) -> Route | NoRoute:
     depths = prefix_index.match(request.block_keys) if request.block_keys else {}
-    table = policy.tables.table_for(snapshot)
     prefill_ctx = RouteContext(snapshot, request, Phase.PREFILL, depths, ordinal, table)
     decode_ctx = RouteContext(snapshot, request, Phase.DECODE, depths, ordinal, table)
     prefill_rows = candidates(prefill_ctx, policy.prefill)

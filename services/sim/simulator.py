@@ -1,0 +1,588 @@
+"""The cluster simulator: gateway, scheduler, prefill, decode and kvstore over a trace, in virtual time.
+
+It steps in ticks (`spec.tick`, by default the heartbeat interval: the live scheduler only sees the
+cluster through heartbeats too) and is vectorized over instances and requests; inside a tick every
+time is exact to the model, not rounded to the tick. Each tick, in this order:
+
+    spot events        notices mark instances draining; deadlines kill them (their requests re-route)
+    heartbeat          every heartbeat interval: the instances' load as InstanceTable columns
+    migration          every migration interval: policies.migration.plan_migrations, the live code
+    routing            arrivals in [t0, t1), in order, through policies.routing.decide_many: the live
+                       policy, with the same reservations between heartbeats as the live scheduler
+    step times         per instance, SimProfile.seconds of its batch: its decodes plus one prefill
+                       chunk (chunked prefill: colocated instances mix both, DistServe's interference)
+    prefill            every instance's FIFO of prompt work, served in closed form (fifo.py); the first
+                       token comes out of prefill; the KV then travels to the decode instance
+    decode admission   FIFO per instance while sequence slots and KV blocks last (else it waits)
+    decode             every running request on an instance advances one token per step; completion
+                       times are interpolated inside the tick
+    KV overflow        the latest-admitted requests are preempted and recomputed on the same instance
+
+Nothing reads the wall clock, so a spec, a trace and a seed give the same results every run.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.common.cluster import (
+    ClusterSnapshot,
+    InstanceSpec,
+    InstanceState,
+    RequestLoad,
+    RequestPhase,
+    Route,
+    RouteRequest,
+    WorkerLoad,
+)
+from services.engine.sim_engine import SimProfile
+from services.scheduler.policies.config import load_policy
+from services.scheduler.policies.instance_table import InstanceTable
+from services.scheduler.policies.migration import MigrationConfig, plan_migrations
+from services.scheduler.policies.routing import decide_many
+from services.scheduler.prefix_index import PrefixIndex
+from services.sim.columns import Columns
+from services.sim.fifo import serve_fifo
+from services.sim.prefix_cache import BlockLru
+from services.sim.spec import ClusterSpec, Pool
+from services.sim.traces import Trace
+
+PENDING, DONE, FAILED = 0, 1, 2
+SAMPLE_S = 1.0                      # time-series resolution
+MAX_DRAIN_S = 6 * 3600.0            # virtual time allowed after the last arrival before giving up
+
+
+@dataclass
+class Outcome:
+    """Per-request results (arrays over the trace's requests) and the run's counters and time series."""
+    spec: ClusterSpec
+    trace: Trace
+    status: np.ndarray              # PENDING / DONE / FAILED
+    t_first: np.ndarray             # first token time (s), NaN if none
+    t_done: np.ndarray              # completion time (s), NaN if not completed
+    num_migrations: np.ndarray
+    num_preemptions: np.ndarray
+    failures: Counter
+    migrations: Counter             # (reason, outcome) -> count
+    prefix_blocks: dict[str, int]   # prompt / local_hit / kvstore_hit blocks (trace-block granularity)
+    gpu_seconds: dict[str, float]   # per pool
+    energy_j: dict[str, float]      # per pool
+    cost_usd: dict[str, float]      # per pool
+    series: dict[str, np.ndarray]   # t, replicas per pool, running, queued, power_watts
+    end_s: float
+
+
+class Simulator:
+    def __init__(self, spec: ClusterSpec, trace: Trace, *, progress: Callable[[float], None] | None = None):
+        self.spec, self.trace, self.progress = spec, trace, progress
+        self.profile = SimProfile.load(spec.profile)
+        self.policy = load_policy(spec.routing)
+        self.prefix_index = PrefixIndex(spec.prefix_index_capacity)
+        self.migration = MigrationConfig(load_balance_gap=spec.migration_load_balance_gap)
+        self.bs = spec.engine.block_size
+        self.kv_bytes = float(self.profile.kv_bytes_per_token)
+        self._init_instances()
+        self._init_requests()
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _init_instances(self) -> None:
+        spec = self.spec
+        self.ids: list[str] = []
+        self.pool_of: list[Pool] = []
+        for pool in spec.pools:
+            for _ in range(pool.replicas):
+                self._add_instance(pool)
+        capacity = len(self.ids) + sum(e.replicas for e in spec.spot if e.add)
+        z = lambda dtype=np.float64: np.zeros(capacity, dtype=dtype)  # noqa: E731
+        self.alive, self.draining = z(bool), z(bool)
+        self.up_at, self.down_at = z(), np.full(capacity, math.inf)
+        self.can_prefill, self.can_decode, self.is_both = z(bool), z(bool), z(bool)
+        self.dec_steps, self.dec_n, self.dec_base = z(), z(np.int64), z()
+        self.step_s, self.drate, self.prate = z(), z(), z()
+        self.step_tokens, self.step_left = z(), z()     # prompt tokens of the step in progress, and left of it
+        self.pool_index = z(np.int64)
+        for i in range(len(self.ids)):
+            self._activate(i, at=0.0)
+        self.caches = {}
+        self.kvstore = BlockLru(spec.kvstore_blocks) if spec.kvstore_blocks > 0 else None
+
+    def _add_instance(self, pool: Pool) -> int:
+        k = sum(1 for p in self.pool_of if p.name == pool.name)
+        self.ids.append(f"{pool.name}-{k:04d}")
+        self.pool_of.append(pool)
+        return len(self.ids) - 1
+
+    def _activate(self, i: int, at: float) -> None:
+        pool = self.pool_of[i]
+        self.alive[i], self.up_at[i] = True, at
+        self.can_prefill[i], self.can_decode[i] = pool.role.can_prefill, pool.role.can_decode
+        self.is_both[i] = pool.name == "colocated"
+        self.pool_index[i] = [p.name for p in self.spec.pools].index(pool.name)
+
+    def _init_requests(self) -> None:
+        t = self.trace
+        n = len(t)
+        self.prompt = np.asarray(t.num_prompt_tokens, dtype=np.int64)
+        self.output = np.maximum(1, np.asarray(t.num_output_tokens, dtype=np.int64))
+        self.status = np.zeros(n, np.int8)
+        self.t_first, self.t_done = np.full(n, np.nan), np.full(n, np.nan)
+        self.n_migr, self.n_preempt = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        self.failures: Counter = Counter()
+        self.migrations: Counter = Counter()
+        self.prefix_blocks = {"prompt": 0, "local_hit": 0, "kvstore_hit": 0}
+        # work queues: prompt work on prefill-capable instances; KV on its way to / waiting at a decode
+        # instance; requests decoding (their progress is `steps` of their instance minus `join`)
+        self.prefill = Columns(req=np.int64, inst=np.int64, avail=np.float64, remaining=np.float64,
+                               seq=np.int64, dest=np.int64, ctx=np.int64, left=np.int64, fresh=bool)
+        self.inbox = Columns(req=np.int64, inst=np.int64, ready=np.float64, ctx=np.int64, left=np.int64,
+                             seq=np.int64)
+        self.running = Columns(req=np.int64, inst=np.int64, join=np.float64, target=np.float64, ctx0=np.int64)
+        self.reroutes = Columns(req=np.int64, t=np.float64, ctx=np.int64, left=np.int64)
+        self.pending_migrations: list[tuple[float, int, int, int, str]] = []   # (switch_t, req, src, dst, reason)
+        self.seq = 0
+        self.route_calls = 0
+        f = t.block_size // self.bs if t.block_size % self.bs == 0 else 0
+        self.keys_per_hash = f
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> Outcome:
+        spec, dt = self.spec, self.spec.tick
+        arrival = self.trace.arrival_s
+        events = sorted(spec.spot, key=lambda e: e.at_s)
+        next_heartbeat = next_migration = next_sample = 0.0
+        series: dict[str, list] = {"t": [], "running": [], "queued": [], "power_watts": []}
+        for p in spec.pools:
+            series[f"replicas_{p.name}"] = []
+        self.gpu_s = np.zeros(len(spec.pools))
+        self.energy = np.zeros(len(spec.pools))
+        cursor, t0 = 0, 0.0
+        table = None
+        end = float(arrival[-1]) if len(arrival) else 0.0
+        while True:
+            t1 = t0 + dt
+            while events and events[0].at_s < t1:
+                self._spot_event(events.pop(0))
+            self._kill_due(t0)
+            if t0 >= next_heartbeat or table is None:
+                table, rows = self._heartbeat(t0)
+                next_heartbeat = t0 + spec.heartbeat_interval_s
+            if spec.migration_interval_s > 0 and t0 >= next_migration:
+                self._plan_migrations(t0)
+                next_migration = t0 + spec.migration_interval_s
+            stop = int(np.searchsorted(arrival, t1, side="left"))
+            self._route(t0, np.arange(cursor, stop), table, rows)
+            cursor = stop
+            self._step_times()
+            self._serve_prefill(t0, t1)
+            self._admit(t0, t1)
+            self._decode(t0, t1)
+            self._switch_migrations(t0, t1)
+            self._overflow(t1)
+            self._account(dt)
+            if t0 >= next_sample:
+                self._sample(series, t0)
+                next_sample = t0 + SAMPLE_S
+            t0 = t1
+            if self.progress is not None:
+                self.progress(t0)
+            idle = not (len(self.prefill) or len(self.inbox) or len(self.running) or len(self.reroutes)
+                        or self.pending_migrations)
+            if cursor >= len(arrival) and idle and t0 > end:
+                break
+            if t0 > end + MAX_DRAIN_S:
+                stuck = self.status == PENDING
+                self.failures[f"still in flight {MAX_DRAIN_S:g} s after the last arrival"] += int(stuck.sum())
+                self.status[stuck] = FAILED
+                break
+        return Outcome(spec, self.trace, self.status, self.t_first, self.t_done, self.n_migr, self.n_preempt,
+                       self.failures, self.migrations, self.prefix_blocks,
+                       self._per_pool(self.gpu_s), self._per_pool(self.energy),
+                       {p.name: float(self.gpu_s[k] / 3600 * spec.gpus[p.gpu].price_per_hour)
+                        for k, p in enumerate(spec.pools)},
+                       {k: np.asarray(v) for k, v in series.items()}, t0)
+
+    def _per_pool(self, values: np.ndarray) -> dict[str, float]:
+        return {p.name: float(values[k]) for k, p in enumerate(self.spec.pools)}
+
+    # -- scheduler side ---------------------------------------------------------------------------
+    def _heartbeat(self, now: float) -> tuple[InstanceTable, np.ndarray]:
+        """The alive instances' load as the scheduler's table (what their heartbeats would report)."""
+        rows = np.flatnonzero(self.alive & (self.up_at <= now))
+        n = self.dec_n[rows]
+        pool_blocks = self.spec.engine.num_blocks
+        used = self._used_blocks()[rows]
+        pre_count = np.bincount(self.prefill.inst, minlength=len(self.alive))[rows]
+        pre_tokens = np.bincount(self.prefill.inst, weights=self.prefill.remaining, minlength=len(self.alive))[rows]
+        inbox = np.bincount(self.inbox.inst, minlength=len(self.alive))[rows]
+        size = len(rows)
+        columns = {
+            "can_prefill": self.can_prefill[rows], "can_decode": self.can_decode[rows],
+            "is_both": self.is_both[rows], "model_code": np.zeros(size, np.int64),
+            "last_heartbeat": np.full(size, now), "draining": self.draining[rows],
+            "block_size": np.full(size, self.bs), "max_model_len": np.full(size, self.profile.max_model_len),
+            "num_blocks": np.full(size, pool_blocks), "num_free_blocks": np.maximum(0, pool_blocks - used),
+            "num_running": n + np.minimum(pre_count, 1), "num_queued": n + pre_count + inbox,
+            "num_waiting_tokens": pre_tokens.astype(np.int64),
+            "queued_blocks": np.ceil(pre_tokens / self.bs).astype(np.int64),
+            "high_priority_headroom": np.zeros(size, np.int64),
+        }
+        ids = [self.ids[i] for i in rows]
+        return InstanceTable.from_columns(ids, columns, {self.spec.model: 0}), rows
+
+    def _route(self, t0: float, arrivals: np.ndarray, table: InstanceTable, rows: np.ndarray) -> None:
+        """Route this tick's arrivals (and re-routes after a kill) in arrival order."""
+        rr = self.reroutes
+        due = rr.t < t0 + self.spec.tick
+        reqs = np.concatenate((arrivals, rr.req[due]))
+        if len(reqs) == 0:
+            return
+        times = np.concatenate((self.trace.arrival_s[arrivals], rr.t[due]))
+        ctx = np.concatenate((self.prompt[arrivals], rr.ctx[due]))
+        left = np.concatenate((self.output[arrivals] - 1, rr.left[due]))
+        fresh = np.concatenate((np.ones(len(arrivals), bool), np.isnan(self.t_first[rr.req[due]])))
+        rr.keep(~due)
+        order = np.argsort(times, kind="stable")
+        reqs, times, ctx, left, fresh = reqs[order], times[order], ctx[order], left[order], fresh[order]
+        model = self.spec.model
+        route_requests = [RouteRequest(str(r), model, self._keys(r, c), int(c), int(lf) + 1)
+                          for r, c, lf in zip(reqs.tolist(), ctx.tolist(), left.tolist())]
+        snapshot = ClusterSnapshot(now=t0, heartbeat_timeout_s=3.0)
+        decisions = decide_many(snapshot, route_requests, self.policy, self.prefix_index,
+                                first_ordinal=self.route_calls, table=table)
+        self.route_calls += len(decisions)
+        index_of = {self.ids[i]: i for i in rows}
+        entries = {k: [] for k in ("req", "inst", "avail", "remaining", "dest", "ctx", "left", "fresh")}
+        for k, decision in enumerate(decisions):
+            r = int(reqs[k])
+            if not isinstance(decision, Route):
+                self.status[r] = FAILED
+                self.failures[failure_kind(decision.reason)] += 1
+                continue
+            p, d = index_of[decision.prefill_id], index_of[decision.decode_id]
+            cached, fetch_s = self._prefix_hits(r, p, int(ctx[k]), count=bool(fresh[k]))
+            for name, value in (("req", r), ("inst", p), ("avail", times[k] + fetch_s),
+                                ("remaining", max(1, int(ctx[k]) - cached)), ("dest", d), ("ctx", int(ctx[k]) + 1),
+                                ("left", int(left[k])), ("fresh", bool(fresh[k]))):
+                entries[name].append(value)
+        n = len(entries["req"])
+        self.prefill.append(seq=np.arange(self.seq, self.seq + n), **entries)
+        self.seq += n
+
+    def _keys(self, r: int, num_tokens: int) -> tuple[bytes, ...]:
+        """The request's block keys as the gateway sends them: one per full engine block, chained (the
+        trace's hash of a 512-token block stands for its engine blocks, told apart by position)."""
+        f = self.keys_per_hash
+        if not f or not self.trace.has_prefix_hashes:
+            return ()
+        hashes = self.trace.prefix_hashes[r].tolist()
+        n = min(num_tokens // self.bs, len(hashes) * f)
+        return tuple(((hashes[j // f] << 8) | (j % f)).to_bytes(16, "little", signed=True) for j in range(n))
+
+    def _prefix_hits(self, r: int, inst: int, num_tokens: int, count: bool) -> tuple[int, float]:
+        """Prompt tokens the chosen prefill instance finds cached (its own cache, then the kvstore), and
+        the seconds to fetch the kvstore's part. Updates the caches with this prompt."""
+        if not self.trace.has_prefix_hashes:
+            return 0, 0.0
+        hashes = self.trace.prefix_hashes[r]
+        cache = self.caches.get(inst)
+        if cache is None:
+            cache = self.caches[inst] = BlockLru(self.spec.engine.num_blocks * self.bs // self.trace.block_size)
+        local = cache.leading_hits(hashes)
+        stored = self.kvstore.leading_hits(hashes, local) if self.kvstore else 0
+        cache.insert(hashes)
+        if self.kvstore:
+            self.kvstore.insert(hashes)
+        if count:
+            self.prefix_blocks["prompt"] += len(hashes)
+            self.prefix_blocks["local_hit"] += local
+            self.prefix_blocks["kvstore_hit"] += stored
+        size = self.trace.block_size
+        cached = min(num_tokens - 1, (local + stored) * size)
+        fetch = stored * size * self.kv_bytes / self.spec.kv_bandwidth_bytes_per_s if stored else 0.0
+        return max(0, cached), fetch + (self.spec.kv_latency_s if stored else 0.0)
+
+    # -- engines ----------------------------------------------------------------------------------
+    def _used_blocks(self) -> np.ndarray:
+        sum_ctx = self.dec_base + self.dec_n * self.dec_steps
+        return np.ceil(sum_ctx / self.bs + 0.5 * self.dec_n).astype(np.int64)
+
+    def _step_times(self) -> None:
+        """Each instance's step: its decodes plus, when it has prompt work, one chunk of it: the waiting
+        prompt tokens up to the step's token budget (the engine's StepScheduler), fixed when the step
+        starts and kept until its tokens are done, however many ticks that takes."""
+        n = self.dec_n
+        sum_ctx = self.dec_base + n * self.dec_steps
+        pre_tokens = np.bincount(self.prefill.inst, weights=self.prefill.remaining, minlength=len(n))
+        budget = self.spec.engine.max_num_batched_tokens
+        new_step = (self.step_left <= 0) & (pre_tokens > 0)
+        self.step_tokens = np.where(new_step, np.maximum(1.0, np.minimum(budget - n, pre_tokens)),
+                                    np.where(pre_tokens > 0, self.step_tokens, 0.0))
+        self.step_left = np.where(new_step, self.step_tokens, np.where(pre_tokens > 0, self.step_left, 0.0))
+        chunk = self.chunk = self.step_tokens
+        self.prefill_busy = np.zeros(len(n))
+        self._set_rates(sum_ctx)
+
+    def _set_rates(self, sum_ctx: np.ndarray) -> None:
+        n, chunk = self.dec_n, self.chunk
+        step = self.profile.seconds(n + chunk, sum_ctx + chunk * (chunk + 1) / 2, sum_ctx + chunk)
+        work = (n + chunk) > 0
+        self.step_s = np.where(work, step, 0.0)
+        self.drate = np.where(n > 0, 1.0 / step, 0.0)
+        self.prate = np.where(chunk > 0, chunk / step, 0.0)
+
+    def _serve_prefill(self, t0: float, t1: float) -> None:
+        q = self.prefill
+        if not len(q):
+            return
+        q.reorder(np.lexsort((q.seq, q.inst)))
+        rate = self.prate[q.inst]
+        start, finish = serve_fifo(q.inst, q.avail, q.remaining / rate, t0)
+        served = np.clip(np.minimum(finish, t1) - start, 0.0, None)
+        self.prefill_busy = np.minimum(1.0, np.bincount(q.inst, weights=served, minlength=len(self.alive)) / (t1 - t0))
+        done = finish <= t1
+        self.step_left -= np.bincount(q.inst, weights=served * rate, minlength=len(self.step_left))
+        q.remaining = np.where(done, 0.0, q.remaining - served * rate)
+        if done.any():
+            req, inst, dest = q.req[done], q.inst[done], q.dest[done]
+            fin, ctx, left, fresh = finish[done], q.ctx[done], q.left[done], q.fresh[done]
+            self.t_first[req[fresh]] = fin[fresh]
+            over = left <= 0
+            self.t_done[req[over]], self.status[req[over]] = fin[over], DONE
+            go = ~over
+            remote = dest[go] != inst[go]
+            transfer = np.where(remote, self.spec.kv_latency_s + ctx[go] * self.kv_bytes
+                                / self.spec.kv_bandwidth_bytes_per_s, 0.0)
+            n = int(go.sum())
+            self.inbox.append(req=req[go], inst=dest[go], ready=fin[go] + transfer, ctx=ctx[go], left=left[go],
+                              seq=np.arange(self.seq, self.seq + n))
+            self.seq += n
+        q.keep(~done)
+
+    def _admit(self, t0: float, t1: float) -> None:
+        """Move arrived KV into decode batches, FIFO per instance, while slots and blocks last."""
+        box = self.inbox
+        if not len(box):
+            return
+        box.reorder(np.lexsort((box.seq, box.ready, box.inst)))
+        here = box.ready < t1
+        if not here.any():
+            return
+        idx = np.flatnonzero(here)
+        inst = box.inst[idx]
+        first = np.r_[True, inst[1:] != inst[:-1]]
+        run = np.cumsum(first) - 1
+        starts = np.flatnonzero(first)
+        rank = np.arange(len(idx)) - starts[run]
+        need = -(-(box.ctx[idx] + 1) // self.bs)
+        cum = np.cumsum(need)
+        cum_in_run = cum - (cum - need)[starts][run]
+        slots = self.spec.engine.max_num_seqs - self.dec_n[inst]
+        free = self.spec.engine.num_blocks - self._used_blocks()[inst]
+        ok = (rank < slots) & (cum_in_run <= free)
+        if not ok.any():
+            return
+        take = idx[ok]
+        inst = box.inst[take]
+        sum_ctx_before = self.dec_base + self.dec_n * self.dec_steps
+        counts = np.bincount(inst, minlength=len(self.dec_n))
+        self.dec_n += counts
+        self._set_rates(sum_ctx_before + np.bincount(inst, weights=box.ctx[take], minlength=len(self.dec_n)))
+        join_t = np.maximum(box.ready[take], t0)
+        join = self.dec_steps[inst] + (join_t - t0) * self.drate[inst]
+        ctx0 = box.ctx[take]
+        self.dec_base += np.bincount(inst, weights=ctx0 - join, minlength=len(self.dec_n))
+        self.running.append(req=box.req[take], inst=inst, join=join, target=join + box.left[take], ctx0=ctx0)
+        keep = np.ones(len(box), bool)
+        keep[take] = False
+        box.keep(keep)
+
+    def _decode(self, t0: float, t1: float) -> None:
+        run = self.running
+        old = self.dec_steps.copy()
+        self.dec_steps += (t1 - t0) * self.drate
+        if not len(run):
+            return
+        done = run.target <= self.dec_steps[run.inst]
+        if not done.any():
+            return
+        inst, req = run.inst[done], run.req[done]
+        self.t_done[req] = t0 + (run.target[done] - old[inst]) / self.drate[inst]
+        self.status[req] = DONE
+        self._leave(done)
+
+    def _leave(self, mask: np.ndarray) -> None:
+        """Take the masked running entries off their instances' batches."""
+        run = self.running
+        inst = run.inst[mask]
+        self.dec_n -= np.bincount(inst, minlength=len(self.dec_n))
+        self.dec_base -= np.bincount(inst, weights=run.ctx0[mask] - run.join[mask], minlength=len(self.dec_n))
+        run.keep(~mask)
+
+    def _overflow(self, now: float) -> None:
+        """KV full: preempt the latest-admitted requests (the engine's policy) and recompute them."""
+        over = np.flatnonzero(self._used_blocks() > self.spec.engine.num_blocks)
+        for i in over.tolist():
+            run = self.running
+            mine = np.flatnonzero(run.inst == i)
+            victims = mine[np.argsort(-run.join[mine], kind="stable")]
+            excess = int(self._used_blocks()[i]) - self.spec.engine.num_blocks
+            chosen, freed = [], 0
+            for v in victims.tolist():
+                if freed >= excess or len(chosen) == len(mine) - 1:
+                    break
+                ctx = run.ctx0[v] + (self.dec_steps[i] - run.join[v])
+                chosen.append(v)
+                freed += math.ceil(ctx / self.bs)
+            if not chosen:
+                continue
+            chosen = np.asarray(chosen)
+            ctx = (run.ctx0[chosen] + (self.dec_steps[i] - run.join[chosen])).astype(np.int64)
+            left = np.ceil(run.target[chosen] - self.dec_steps[i]).astype(np.int64)
+            req = run.req[chosen]
+            self.n_preempt[req] += 1
+            n = len(chosen)
+            self.prefill.append(req=req, inst=i, avail=now, remaining=ctx.astype(np.float64),
+                                seq=np.arange(self.seq, self.seq + n), dest=i, ctx=ctx, left=left, fresh=False)
+            self.seq += n
+            mask = np.zeros(len(run), bool)
+            mask[chosen] = True
+            self._leave(mask)
+
+    # -- migration (Llumnix) --------------------------------------------------------------------------
+    def _decode_snapshot(self, now: float) -> ClusterSnapshot:
+        """Decode-capable instances with their running requests, as heartbeats report them."""
+        run, states = self.running, []
+        by_inst: dict[int, list[RequestLoad]] = {}
+        for k in range(len(run)):
+            i = int(run.inst[k])
+            ctx = int(run.ctx0[k] + self.dec_steps[i] - run.join[k])
+            by_inst.setdefault(i, []).append(RequestLoad(
+                str(int(run.req[k])), RequestPhase.DECODING, num_tokens=ctx, num_blocks=-(-ctx // self.bs),
+                arrival=int(run.join[k] * 1e3), max_tokens=max(0, int(run.target[k] - self.dec_steps[i]))))
+        used = self._used_blocks()
+        waiting = np.bincount(self.inbox.inst, minlength=len(self.alive))
+        for i in np.flatnonzero(self.alive & self.can_decode).tolist():
+            spec = InstanceSpec(self.ids[i], self.pool_of[i].role, "sim", self.spec.model, self.bs,
+                                self.profile.max_model_len)
+            load = WorkerLoad(num_running=int(self.dec_n[i]), num_waiting=int(waiting[i]),
+                              num_blocks=self.spec.engine.num_blocks,
+                              num_free_blocks=max(0, self.spec.engine.num_blocks - int(used[i])),
+                              draining=bool(self.draining[i]), requests=tuple(by_inst.get(i, ())))
+            states.append(InstanceState(spec, load, now))
+        return ClusterSnapshot(now, tuple(sorted(states, key=lambda s: s.instance_id)), 3.0)
+
+    def _plan_migrations(self, now: float) -> None:
+        in_flight = frozenset(str(m[1]) for m in self.pending_migrations)
+        index_of = {name: i for i, name in enumerate(self.ids)}
+        for m in plan_migrations(self._decode_snapshot(now), self.migration, in_flight):
+            r = int(m.request_id)
+            ctx = self.prompt[r] + self.output[r]
+            copy_s = self.spec.kv_latency_s + ctx * self.kv_bytes / self.spec.kv_bandwidth_bytes_per_s
+            self.pending_migrations.append((now + copy_s, r, index_of[m.source_id], index_of[m.destination_id],
+                                            m.reason.value))
+
+    def _switch_migrations(self, t0: float, t1: float) -> None:
+        """Migrations whose copy ends in this tick move their request (it decoded on meanwhile)."""
+        due = [m for m in self.pending_migrations if m[0] < t1]
+        if not due:
+            return
+        self.pending_migrations = [m for m in self.pending_migrations if m[0] >= t1]
+        for switch_t, r, src, dst, reason in due:
+            run = self.running
+            where = np.flatnonzero((run.req == r) & (run.inst == src))
+            if not len(where) or not self.alive[dst]:
+                self.migrations[(reason, "aborted")] += 1
+                continue
+            k = int(where[0])
+            at = max(switch_t, t0)
+            src_steps = self.dec_steps[src] - (t1 - at) * self.drate[src]
+            left = run.target[k] - src_steps
+            ctx = int(run.ctx0[k] + src_steps - run.join[k])
+            need = -(-ctx // self.bs)
+            if (self.dec_n[dst] >= self.spec.engine.max_num_seqs
+                    or need > self.spec.engine.num_blocks - self._used_blocks()[dst]):
+                self.migrations[(reason, "aborted")] += 1
+                continue
+            mask = np.zeros(len(run), bool)
+            mask[k] = True
+            self._leave(mask)
+            join = self.dec_steps[dst] - (t1 - at) * self.drate[dst]
+            self.dec_n[dst] += 1
+            self.dec_base[dst] += ctx - join
+            self.running.append(req=r, inst=dst, join=join, target=join + left, ctx0=ctx)
+            self.n_migr[r] += 1
+            self.migrations[(reason, "completed")] += 1
+
+    # -- spot availability ------------------------------------------------------------------------------
+    def _spot_event(self, event) -> None:
+        if event.preempt:
+            if event.preempt not in self.ids:
+                raise ValueError(f"spot event at {event.at_s}s preempts unknown instance {event.preempt!r}")
+            i = self.ids.index(event.preempt)
+            self.draining[i] = True
+            self.down_at[i] = event.at_s + event.notice_s
+            return
+        pool = next((p for p in self.spec.pools if p.name == event.add), None)
+        if pool is None:
+            raise ValueError(f"spot event at {event.at_s}s adds to unknown pool {event.add!r}")
+        for _ in range(event.replicas):
+            i = self._add_instance(pool)
+            self._activate(i, at=event.at_s + event.startup_s)
+
+    def _kill_due(self, now: float) -> None:
+        """Instances past their deadline die; whatever they held is routed again from its tokens so far."""
+        dead = np.flatnonzero(self.alive & (self.down_at <= now))
+        for i in dead.tolist():
+            self.alive[i] = False
+            self.prefix_index.remove_instance(self.ids[i])
+            self.caches.pop(i, None)
+            run = self.running
+            mine = run.inst == i
+            ctx = (run.ctx0[mine] + self.dec_steps[i] - run.join[mine]).astype(np.int64)
+            self.reroutes.append(req=run.req[mine], t=now, ctx=ctx,
+                                 left=np.ceil(run.target[mine] - self.dec_steps[i]).astype(np.int64))
+            self._leave(mine)
+            for q, ctx_name in ((self.prefill, "ctx"), (self.inbox, "ctx")):
+                lost = (q.inst == i) | ((q.dest == i) if q is self.prefill else False)
+                if lost.any():
+                    self.reroutes.append(req=q.req[lost], t=now, ctx=getattr(q, ctx_name)[lost] - 1,
+                                         left=q.left[lost])
+                    q.keep(~lost)
+            self.dec_n[i], self.dec_base[i] = 0, 0.0
+
+    # -- accounting ------------------------------------------------------------------------------------
+    def _account(self, dt: float) -> None:
+        up = self.alive.copy()
+        busy = np.maximum(self.dec_n > 0, self.prefill_busy)
+        watts = np.zeros(len(up))
+        for k, p in enumerate(self.spec.pools):
+            gpu = self.spec.gpus[p.gpu]
+            mine = up & (self.pool_index == k)
+            w = gpu.idle_watts + (gpu.peak_watts - gpu.idle_watts) * busy[mine]
+            watts[mine] = w
+            self.gpu_s[k] += dt * int(mine.sum())
+            self.energy[k] += dt * float(w.sum())
+        self.watts = float(watts.sum())
+
+    def _sample(self, series: dict[str, list], now: float) -> None:
+        series["t"].append(now)
+        series["running"].append(len(self.running))
+        series["queued"].append(len(self.prefill) + len(self.inbox))
+        series["power_watts"].append(self.watts)
+        for k, p in enumerate(self.spec.pools):
+            series[f"replicas_{p.name}"].append(int((self.alive & (self.pool_index == k)).sum()))
+
+
+def failure_kind(reason: str) -> str:
+    """NoRoute reasons grouped by the filter that emptied the list (the live gateway answers 503)."""
+    found = re.search(r"\(filter (\w+)\)", reason)
+    return f"no route: {found.group(1)}" if found else f"no route: {reason}"
+
+
+def simulate(spec: ClusterSpec, trace: Trace, progress: Callable[[float], None] | None = None) -> Outcome:
+    return Simulator(spec, trace, progress=progress).run()
