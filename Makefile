@@ -6,7 +6,7 @@ MODEL_DIR ?= models/SmolLM2-135M-Instruct
 # Marks a completed dependency install; redone when pyproject.toml changes (or delete it to force).
 STAMP     = $(VENV)/.ferry-install.stamp
 
-.PHONY: install run test test-fast bench lint proto k8s-toolchain e2e e2e-kind images
+.PHONY: install run test test-fast bench lint proto k8s-toolchain e2e e2e-kind images sim-scale sim-experiments
 
 install: $(STAMP) proto
 	$(PY) -m services.engine.prepare_model --out $(MODEL_DIR)
@@ -71,6 +71,16 @@ bench:
 	$(PY) bench/engine.py --device cpu --json bench/out/engine_cpu.json
 	HF_HUB_OFFLINE=1 $(PY) bench/kv_transfer.py --json bench/out/kv_transfer.json
 	HF_HUB_OFFLINE=1 $(PY) bench/serving.py --json bench/out/serving.json
+
+# The cluster simulator (docs/simulator.md). sim-scale: 1,000 instances x the Azure conversation trace at
+# 200x its rate for an hour (3.9 M requests); sim-experiments: docs/benchmarks/simulator.md's runs.
+TRACES ?= ../shared/data/traces
+sim-scale:
+	$(PY) -m services.cli sim --trace $(TRACES)/azure_llm_2023_conv.csv --config scale-1000 \
+		--rate-multiplier 200 --out bench/out/sim-scale
+
+sim-experiments:
+	$(PY) bench/sim_experiments.py --json bench/out/sim_experiments.json
 
 lint:
 	@if $(PY) -m ruff --version >/dev/null 2>&1; then \

@@ -85,6 +85,7 @@ class Simulator:
         self.prefix_index = PrefixIndex(spec.prefix_index_capacity)
         self.migration = MigrationConfig(load_balance_gap=spec.migration_load_balance_gap)
         self.bs = spec.engine.block_size
+        self.max_model_len = spec.engine.max_model_len or self.profile.max_model_len
         self.kv_bytes = float(self.profile.kv_bytes_per_token)
         self._init_instances()
         self._init_requests()
@@ -109,6 +110,7 @@ class Simulator:
         for i in range(len(self.ids)):
             self._activate(i, at=0.0)
         self.caches = {}
+        self._last_table, self._last_rows = None, None
         self.kvstore = BlockLru(spec.kvstore_blocks) if spec.kvstore_blocks > 0 else None
 
     def _add_instance(self, pool: Pool) -> int:
@@ -224,15 +226,18 @@ class Simulator:
             "can_prefill": self.can_prefill[rows], "can_decode": self.can_decode[rows],
             "is_both": self.is_both[rows], "model_code": np.zeros(size, np.int64),
             "last_heartbeat": np.full(size, now), "draining": self.draining[rows],
-            "block_size": np.full(size, self.bs), "max_model_len": np.full(size, self.profile.max_model_len),
+            "block_size": np.full(size, self.bs), "max_model_len": np.full(size, self.max_model_len),
             "num_blocks": np.full(size, pool_blocks), "num_free_blocks": np.maximum(0, pool_blocks - used),
             "num_running": n + np.minimum(pre_count, 1), "num_queued": n + pre_count + inbox,
             "num_waiting_tokens": pre_tokens.astype(np.int64),
             "queued_blocks": np.ceil(pre_tokens / self.bs).astype(np.int64),
             "high_priority_headroom": np.zeros(size, np.int64),
         }
-        ids = [self.ids[i] for i in rows]
-        return InstanceTable.from_columns(ids, columns, {self.spec.model: 0}), rows
+        same = self._last_table if self._last_rows is not None and np.array_equal(rows, self._last_rows) else None
+        ids = same.ids if same is not None else [self.ids[i] for i in rows]
+        table = InstanceTable.from_columns(ids, columns, {self.spec.model: 0}, same_ids_as=same)
+        self._last_table, self._last_rows = table, rows
+        return table, rows
 
     def _route(self, t0: float, arrivals: np.ndarray, table: InstanceTable, rows: np.ndarray) -> None:
         """Route this tick's arrivals (and re-routes after a kill) in arrival order."""
@@ -468,7 +473,7 @@ class Simulator:
         waiting = np.bincount(self.inbox.inst, minlength=len(self.alive))
         for i in np.flatnonzero(self.alive & self.can_decode).tolist():
             spec = InstanceSpec(self.ids[i], self.pool_of[i].role, "sim", self.spec.model, self.bs,
-                                self.profile.max_model_len)
+                                self.max_model_len)
             load = WorkerLoad(num_running=int(self.dec_n[i]), num_waiting=int(waiting[i]),
                               num_blocks=self.spec.engine.num_blocks,
                               num_free_blocks=max(0, self.spec.engine.num_blocks - int(used[i])),

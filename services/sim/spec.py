@@ -3,7 +3,8 @@ SLOs and the spot availability events — one YAML file (services/sim/configs/*.
 
     model / profile      served model name; SimProfile name or YAML path (`ferry profile` writes one)
     pools                prefill / decode / colocated: {replicas, gpu}
-    engine               block_size, num_blocks, max_num_seqs, max_num_batched_tokens (EngineConfig's names)
+    engine               block_size, num_blocks, max_num_seqs, max_num_batched_tokens, max_model_len
+                         (EngineConfig's names; max_model_len 0 = the profile's)
     gpus                 per GPU type: price_per_hour (USD), idle_watts, peak_watts
     network              kv_bandwidth_bytes_per_s, kv_latency_s (prefill → decode and migration copies)
     scheduler            routing (preset or YAML path), heartbeat_interval_s, migration_interval_s (0 = off),
@@ -55,6 +56,7 @@ class EngineLimits:
     num_blocks: int = 1000
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    max_model_len: int = 0          # 0: the profile's
 
 
 @dataclass(frozen=True, slots=True)

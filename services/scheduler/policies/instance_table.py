@@ -58,15 +58,15 @@ class InstanceTable:
         return len(self.ids)
 
     @classmethod
-    def from_columns(cls, ids: Sequence[str], columns: dict[str, np.ndarray],
-                     model_codes: dict[str, int]) -> InstanceTable:
-        """A table straight from columns (the simulator keeps its instances as arrays, not objects)."""
+    def from_columns(cls, ids: Sequence[str], columns: dict[str, np.ndarray], model_codes: dict[str, int],
+                     same_ids_as: InstanceTable | None = None) -> InstanceTable:
+        """A table straight from columns (the simulator keeps its instances as arrays, not objects);
+        `same_ids_as`: an earlier table with these very ids in this order, whose id lookups it reuses."""
         missing = set(COLUMNS) - set(columns)
         if missing:
             raise ValueError(f"missing instance columns {sorted(missing)}")
-        table = cls((), {name: np.asarray(columns[name], dtype=dtype) for name, dtype in COLUMNS.items()},
-                    model_codes, same_ids_as=None, ids=ids)
-        return table
+        return cls((), {name: np.asarray(columns[name], dtype=dtype) for name, dtype in COLUMNS.items()},
+                   model_codes, same_ids_as=same_ids_as, ids=ids)
 
     def copy(self) -> InstanceTable:
         """Same ids, private columns: `reserve` may change this one without touching the original."""
