@@ -66,13 +66,14 @@ def experiment_a(out_dir: Path, multipliers: list[int], window_s: float) -> dict
         placements[f"disaggregated {p}P+{8 - p}D"] = {"prefill": {"replicas": p}, "decode": {"replicas": 8 - p}}
     rows: dict[str, list[dict]] = {name: [] for name in placements}
     for k in multipliers:
-        trace = base.with_rate_multiplier(k, seed=k).window(0, window_s)
+        trace = base.with_rate_multiplier(k, seed=0).window(0, window_s)   # one seed: nested overlays
         for name, pools in placements.items():
             spec = spec_from_mapping({**load_config("llama3-8b-h100-disagg", []), "pools": pools, "slo": SLO_A})
             summary, _ = run(spec, trace, f"{name} x{k} ({trace.rate_per_s:.0f} req/s)")
             rows[name].append({"multiplier": k, "rate": trace.rate_per_s, **summary})
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, points in rows.items():
+        points = sorted(points, key=lambda p: p["rate"])
         rates = [p["rate"] for p in points]
         style = "--" if name.startswith("colocated") else "-"
         left.plot(rates, [p["request_goodput"] for p in points], style, marker="o", label=name)
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if "c" in args.only:
         results["c"] = experiment_c(args.plots)
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    if args.json.is_file():     # keep the other experiments' results when running only some
+        results = {**json.loads(args.json.read_text()).get("results", {}), **results}
     args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                     indent=2, default=float) + "\n")
     print(f"wrote {args.json}")

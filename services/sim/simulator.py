@@ -484,10 +484,11 @@ class Simulator:
     def _plan_migrations(self, now: float) -> None:
         in_flight = frozenset(str(m[1]) for m in self.pending_migrations)
         index_of = {name: i for i, name in enumerate(self.ids)}
-        for m in plan_migrations(self._decode_snapshot(now), self.migration, in_flight):
+        snapshot = self._decode_snapshot(now)
+        tokens = {r.request_id: r.num_tokens for s in snapshot.instances for r in s.load.requests}
+        for m in plan_migrations(snapshot, self.migration, in_flight):
             r = int(m.request_id)
-            ctx = self.prompt[r] + self.output[r]
-            copy_s = self.spec.kv_latency_s + ctx * self.kv_bytes / self.spec.kv_bandwidth_bytes_per_s
+            copy_s = self.spec.kv_latency_s + tokens[m.request_id] * self.kv_bytes / self.spec.kv_bandwidth_bytes_per_s
             self.pending_migrations.append((now + copy_s, r, index_of[m.source_id], index_of[m.destination_id],
                                             m.reason.value))
 
