@@ -25,17 +25,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from services.sim.plots import cdf  # noqa: E402
-from services.sim.results import latencies, summarize  # noqa: E402
-from services.sim.simulator import simulate  # noqa: E402
-from services.sim.cli import load_config  # noqa: E402
-from services.sim.spec import spec_from_mapping  # noqa: E402
-from services.sim.trace_formats import load_trace  # noqa: E402
+from services.sim.cli import load_config
+from services.sim.plots import cdf
+from services.sim.results import latencies, summarize
+from services.sim.simulator import simulate
+from services.sim.spec import spec_from_mapping
+from services.sim.trace_formats import load_trace
 
 TRACES = ROOT.parent / "shared" / "data" / "traces"
 AZURE_CONV, MOONCAKE = TRACES / "azure_llm_2023_conv.csv", TRACES / "mooncake_conversation.jsonl"

@@ -6,11 +6,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from services.sim.results import latencies  # noqa: E402
-from services.sim.simulator import Outcome  # noqa: E402
+from services.sim.results import latencies
+from services.sim.simulator import Outcome
 
 
 def write_plots(out: Outcome, directory: Path, title: str = "") -> list[Path]:

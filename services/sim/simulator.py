@@ -99,7 +99,7 @@ class Simulator:
             for _ in range(pool.replicas):
                 self._add_instance(pool)
         capacity = len(self.ids) + sum(e.replicas for e in spec.spot if e.add)
-        z = lambda dtype=np.float64: np.zeros(capacity, dtype=dtype)  # noqa: E731
+        z = lambda dtype=np.float64: np.zeros(capacity, dtype=dtype)
         self.alive, self.draining = z(bool), z(bool)
         self.up_at, self.down_at = z(), np.full(capacity, math.inf)
         self.can_prefill, self.can_decode, self.is_both = z(bool), z(bool), z(bool)
@@ -328,7 +328,7 @@ class Simulator:
         self.step_tokens = np.where(new_step, np.maximum(1.0, np.minimum(budget - n, pre_tokens)),
                                     np.where(pre_tokens > 0, self.step_tokens, 0.0))
         self.step_left = np.where(new_step, self.step_tokens, np.where(pre_tokens > 0, self.step_left, 0.0))
-        chunk = self.chunk = self.step_tokens
+        self.chunk = self.step_tokens
         self.prefill_busy = np.zeros(len(n))
         self._set_rates(sum_ctx)
 
@@ -371,12 +371,10 @@ class Simulator:
     def _admit(self, t0: float, t1: float) -> None:
         """Move arrived KV into decode batches, FIFO per instance, while slots and blocks last."""
         box = self.inbox
-        if not len(box):
+        if not len(box) or not (box.ready < t1).any():
             return
         box.reorder(np.lexsort((box.seq, box.ready, box.inst)))
         here = box.ready < t1
-        if not here.any():
-            return
         idx = np.flatnonzero(here)
         inst = box.inst[idx]
         first = np.r_[True, inst[1:] != inst[:-1]]

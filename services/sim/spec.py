@@ -179,7 +179,7 @@ def _build(cls: type, data: dict[str, Any], where: str):
 
 def _check(data: Any, allowed: set[str], where: str) -> None:
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")  # noqa: TRY004 (a config error)
     unknown = set(data) - allowed
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
