@@ -90,9 +90,9 @@ def peak_concurrency(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
-def stats_ms(values: list[float], name: str) -> dict[str, float]:
-    """mean/median/std/p90/p99 of ``values`` (seconds) in ms; 0 for an empty list (as vLLM)."""
-    arr = np.asarray(values, dtype=float) * 1000 if values else np.zeros(1)
+def stats_ms(values, name: str) -> dict[str, float]:
+    """mean/median/std/p90/p99 of ``values`` (seconds; a list or an array) in ms; 0 when empty (as vLLM)."""
+    arr = np.asarray(values, dtype=float) * 1000 if len(values) else np.zeros(1)
     out = {f"mean_{name}_ms": float(arr.mean()), f"median_{name}_ms": float(np.median(arr)),
            f"std_{name}_ms": float(arr.std())}
     for p in PERCENTILES:

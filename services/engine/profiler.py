@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.engine.sim_engine import SimProfile
+from services.engine.sim_profile import SimProfile
 from services.engine.step_scheduler import ScheduledChunk, SchedulerOutput
 
 Chunks = tuple[tuple[int, int], ...]      # (start, num_tokens) of each chunk of one step

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from dataclasses import dataclass
 
 from services.common.grpc_util import aio_server, bind
@@ -18,6 +19,7 @@ from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.migrator import Migrator
 from services.scheduler.persistence import RedisPersistence
 from services.scheduler.policies import load_policy
+from services.scheduler.policies.compiled import warm_up
 from services.scheduler.policies.migration import MigrationConfig
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.registry import Registry
@@ -112,6 +114,9 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event) -> None:
                  metrics.serve(settings.host, settings.metrics_port))
     log.info("routing policy: %s", settings.routing_config)
     policy = load_policy(settings.routing_config)
+    started = time.perf_counter()
+    warm_up(policy)      # compile (or load from numba's cache) before the first Route call waits for it
+    log.info("routing kernel ready in %.1f s", time.perf_counter() - started)
     migrator = None
     if settings.migration_interval_s > 0:
         migrator = Migrator(registry, settings.migration_config(), metrics, interval_s=settings.migration_interval_s)

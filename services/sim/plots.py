@@ -22,9 +22,9 @@ def write_plots(out: Outcome, directory: Path, title: str = "") -> list[Path]:
 
 
 def cdf(ax, values: np.ndarray, label: str, slo: float | None = None) -> None:
-    if len(values):
-        x = np.sort(values) * 1e3
-        ax.plot(x, np.arange(1, len(x) + 1) / len(x), label=label)
+    if len(values):          # 2,001 quantiles draw the same curve as millions of points, in milliseconds
+        fractions = np.linspace(0.0, 1.0, 2001)
+        ax.plot(np.quantile(values, fractions) * 1e3, fractions, label=label)
     if slo:
         ax.axvline(slo * 1e3, color="grey", linestyle="--", linewidth=1)
 

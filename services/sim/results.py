@@ -44,9 +44,9 @@ def summarize(out: Outcome) -> dict:
         "output_throughput": per_s(total_out),
         "total_token_throughput": per_s(total_in + total_out),
     }
-    summary.update(stats_ms(ttft.tolist(), "ttft"))
-    summary.update(stats_ms(tpot.tolist(), "tpot"))
-    summary.update(stats_ms(e2el.tolist(), "e2el"))
+    summary.update(stats_ms(ttft, "ttft"))
+    summary.update(stats_ms(tpot, "tpot"))
+    summary.update(stats_ms(e2el, "e2el"))
     summary.update({
         "slo_ms": {"ttft": spec.slo_ttft_s * 1e3, "tpot": spec.slo_tpot_s * 1e3},
         "good_requests": good,

@@ -40,11 +40,12 @@ from services.common.cluster import (
     RouteRequest,
     WorkerLoad,
 )
-from services.engine.sim_engine import SimProfile
+from services.engine.sim_profile import SimProfile
+from services.scheduler.policies.compiled import route_arrays
 from services.scheduler.policies.config import load_policy
 from services.scheduler.policies.instance_table import InstanceTable
 from services.scheduler.policies.migration import MigrationConfig, plan_migrations
-from services.scheduler.policies.routing import decide_many
+from services.scheduler.policies.routing import decide_many, why_no_route
 from services.scheduler.prefix_index import PrefixIndex
 from services.sim.columns import Columns
 from services.sim.fifo import serve_fifo
@@ -253,30 +254,51 @@ class Simulator:
         rr.keep(~due)
         order = np.argsort(times, kind="stable")
         reqs, times, ctx, left, fresh = reqs[order], times[order], ctx[order], left[order], fresh[order]
-        model = self.spec.model
-        route_requests = [RouteRequest(str(r), model, self._keys(r, c), int(c), int(lf) + 1)
-                          for r, c, lf in zip(reqs.tolist(), ctx.tolist(), left.tolist())]
         snapshot = ClusterSnapshot(now=t0, heartbeat_timeout_s=3.0)
-        decisions = decide_many(snapshot, route_requests, self.policy, self.prefix_index,
-                                first_ordinal=self.route_calls, table=table)
-        self.route_calls += len(decisions)
-        index_of = {self.ids[i]: i for i in rows}
-        entries = {k: [] for k in ("req", "inst", "avail", "remaining", "dest", "ctx", "left", "fresh")}
-        for k, decision in enumerate(decisions):
-            r = int(reqs[k])
-            if not isinstance(decision, Route):
-                self.status[r] = FAILED
-                self.failures[failure_kind(decision.reason)] += 1
-                continue
-            p, d = index_of[decision.prefill_id], index_of[decision.decode_id]
-            cached, fetch_s = self._prefix_hits(r, p, int(ctx[k]), count=bool(fresh[k]))
-            for name, value in (("req", r), ("inst", p), ("avail", times[k] + fetch_s),
-                                ("remaining", max(1, int(ctx[k]) - cached)), ("dest", d), ("ctx", int(ctx[k]) + 1),
-                                ("left", int(left[k])), ("fresh", bool(fresh[k]))):
-                entries[name].append(value)
-        n = len(entries["req"])
-        self.prefill.append(seq=np.arange(self.seq, self.seq + n), **entries)
+        route = self._route_keyed if self.trace.has_prefix_hashes else self._route_plain
+        prefill, decode = route(snapshot, table, rows, reqs, ctx, left)
+        self.route_calls += len(reqs)
+        ok = prefill >= 0
+        self.status[reqs[~ok]] = FAILED
+        reqs, times, ctx, left, fresh, prefill, decode = (a[ok] for a in (reqs, times, ctx, left, fresh, prefill, decode))
+        cached, fetch = np.zeros(len(reqs), np.int64), np.zeros(len(reqs))
+        if self.trace.has_prefix_hashes:
+            for k in range(len(reqs)):
+                cached[k], fetch[k] = self._prefix_hits(int(reqs[k]), int(prefill[k]), int(ctx[k]), bool(fresh[k]))
+        n = len(reqs)
+        self.prefill.append(req=reqs, inst=prefill, avail=times + fetch, remaining=np.maximum(1, ctx - cached),
+                            seq=np.arange(self.seq, self.seq + n), dest=decode, ctx=ctx + 1, left=left, fresh=fresh)
         self.seq += n
+
+    def _route_plain(self, snapshot, table, rows, reqs, ctx, left) -> tuple[np.ndarray, np.ndarray]:
+        """Requests without block keys, as arrays straight into the compiled pipeline (decide_many's own
+        kernel; building a RouteRequest per request would cost more than routing it)."""
+        n = len(reqs)
+
+        def no_route(i: int) -> None:
+            request = RouteRequest(str(int(reqs[i])), self.spec.model, (), int(ctx[i]), int(left[i]) + 1)
+            why = why_no_route(snapshot, table, request, self.policy, self.prefix_index, self.route_calls + i)
+            self.failures[failure_kind(why.reason)] += 1
+
+        prefill, decode = route_arrays(snapshot, table, self.policy, ctx.astype(np.int64), (left + 1).astype(np.int64),
+                                       np.zeros(n, bool), np.zeros(n, np.int64), self.route_calls, no_route)
+        found = prefill >= 0
+        return np.where(found, rows[prefill], -1), np.where(found, rows[decode], -1)
+
+    def _route_keyed(self, snapshot, table, rows, reqs, ctx, left) -> tuple[np.ndarray, np.ndarray]:
+        """Requests with block keys through decide_many (the prefix index changes with every route)."""
+        requests = [RouteRequest(str(r), self.spec.model, self._keys(r, c), c, lf + 1)
+                    for r, c, lf in zip(reqs.tolist(), ctx.tolist(), left.tolist())]
+        decisions = decide_many(snapshot, requests, self.policy, self.prefix_index, first_ordinal=self.route_calls,
+                                table=table)
+        index_of = {self.ids[i]: i for i in rows}
+        prefill, decode = np.full(len(reqs), -1, np.int64), np.full(len(reqs), -1, np.int64)
+        for k, decision in enumerate(decisions):
+            if isinstance(decision, Route):
+                prefill[k], decode[k] = index_of[decision.prefill_id], index_of[decision.decode_id]
+            else:
+                self.failures[failure_kind(decision.reason)] += 1
+        return prefill, decode
 
     def _keys(self, r: int, num_tokens: int) -> tuple[bytes, ...]:
         """The request's block keys as the gateway sends them: one per full engine block, chained (the

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from services.engine.sim_engine import SimProfile
+from services.engine.sim_profile import SimProfile
 from services.sim.cli import main as sim_main
 from services.sim.fifo import serve_fifo
 from services.sim.results import summarize

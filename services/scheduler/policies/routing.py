@@ -161,6 +161,7 @@ class RoutingPolicy:
     decode: RoutingProfile
     colocated: RoutingProfile
     tables: TableCache = field(default_factory=TableCache, compare=False, repr=False)
+    compiled: dict = field(default_factory=dict, compare=False, repr=False)   # compiled.py's kernel arguments
 
 
 def clamp01(x: np.ndarray) -> np.ndarray:
@@ -209,7 +210,9 @@ def decide(snapshot: ClusterSnapshot, request: RouteRequest, policy: RoutingPoli
            prefix_index: PrefixLookup, *, ordinal: int = 0) -> Route | NoRoute:
     """Where to prefill and where to decode `request`, or why nowhere. Reads only: the caller applies
     the decision (Registry.reserve, record_route)."""
-    return _decide(snapshot, policy.tables.table_for(snapshot), request, policy, prefix_index, ordinal)
+    from services.scheduler.policies.compiled import route_requests
+    table = policy.tables.table_for(snapshot)
+    return route_requests(snapshot, table, [request], policy, prefix_index, ordinal, reserve=False)[0]
 
 
 def decide_many(snapshot: ClusterSnapshot, requests: Sequence[RouteRequest], policy: RoutingPolicy,
@@ -221,17 +224,28 @@ def decide_many(snapshot: ClusterSnapshot, requests: Sequence[RouteRequest], pol
 
     `table`: the instances as columns, reserved in place (the simulator keeps one per heartbeat and
     routes every arrival until the next against it); default: a private copy of the snapshot's. The
-    prefix index is updated, as the server's is.
+    prefix index is updated, as the server's is. Runs the compiled pipeline (compiled.py).
     """
+    from services.scheduler.policies.compiled import route_requests
     table = table if table is not None else policy.tables.table_for(snapshot).copy()
-    decisions: list[Route | NoRoute] = []
-    for k, request in enumerate(requests):
-        decision = _decide(snapshot, table, request, policy, prefix_index, first_ordinal + k)
-        if isinstance(decision, Route):
-            reserve_route(table, request, decision)
-            record_route(prefix_index, request, decision)
-        decisions.append(decision)
-    return decisions
+    return route_requests(snapshot, table, list(requests), policy, prefix_index, first_ordinal)
+
+
+def decide_reference(snapshot: ClusterSnapshot, request: RouteRequest, policy: RoutingPolicy,
+                     prefix_index: PrefixLookup, *, ordinal: int = 0) -> Route | NoRoute:
+    """`decide` through the numpy pipeline above, the readable reference the compiled one must equal."""
+    return _decide(snapshot, policy.tables.table_for(snapshot), request, policy, prefix_index, ordinal)
+
+
+def why_no_route(snapshot: ClusterSnapshot, table: InstanceTable, request: RouteRequest, policy: RoutingPolicy,
+                 prefix_index: PrefixLookup, ordinal: int) -> NoRoute:
+    """The NoRoute the numpy pipeline gives a request the compiled one found no route for (its reason
+    names the filter that emptied the list). Anything else means the two disagree: a bug."""
+    decision = _decide(snapshot, table, request, policy, prefix_index, ordinal)
+    if not isinstance(decision, NoRoute):
+        raise RuntimeError(f"compiled routing found no route for {request.request_id} but the reference "  # noqa: TRY004
+                           f"pipeline routes it to {decision}")
+    return decision
 
 
 def reserve_route(table: InstanceTable, request: RouteRequest, route: Route) -> None:

@@ -1,0 +1,66 @@
+"""`SimProfile`: the performance model of one model on one device, as the sim engine and the cluster
+simulator use it (no torch here: `ferry sim` loads profiles without the engine).
+
+    step seconds = overhead + max(compute, memory)
+    compute      = (2 * params * tokens + 4 * layers * hidden * sum(context of each token)) / flops
+    memory       = (weight_bytes + kv_bytes_per_token * sum(context read)) / memory_bandwidth
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import yaml
+
+if TYPE_CHECKING:
+    from services.engine.step_scheduler import SchedulerOutput
+
+PROFILES = Path(__file__).parent / "profiles"
+
+
+@dataclass(frozen=True, slots=True)
+class SimProfile:
+    """Performance parameters of one model on one GPU type (YAML; `ferry profile` writes them)."""
+    name: str
+    num_params: float
+    num_layers: int
+    hidden_size: int
+    kv_bytes_per_token: int
+    flops: float                        # effective FLOP/s of prefill-sized matrix products
+    memory_bandwidth: float             # effective bytes/s of decode-sized reads
+    step_overhead_s: float = 0.0
+    weight_bytes: float = 0.0           # 0: 2 bytes a parameter (bf16)
+    vocab_size: int = 32000
+    max_model_len: int = 8192
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> SimProfile:
+        path = Path(name_or_path)
+        if not path.is_file():
+            path = PROFILES / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+            raise FileNotFoundError(f"no sim profile {name_or_path!r}; give a YAML path or one of: {known}")
+        data = yaml.safe_load(path.read_text())
+        allowed = {f.name for f in fields(cls)}
+        unknown = set(data) - allowed
+        if unknown:
+            raise ValueError(f"{path}: unknown profile fields {sorted(unknown)}; allowed: {sorted(allowed)}")
+        types = {"float": float, "int": int, "str": str}
+        return cls(**{f.name: types[f.type](data[f.name]) for f in fields(cls) if f.name in data})
+
+    def step_seconds(self, step: SchedulerOutput) -> float:
+        context_read = sum(c.start + c.num_tokens for c in step.chunks)
+        # Every new token attends on average to half of its chunk plus the cached tokens before it.
+        attended = sum(c.num_tokens * (c.start + (c.num_tokens + 1) / 2) for c in step.chunks)
+        return float(self.seconds(step.num_tokens, attended, context_read))
+
+    def seconds(self, tokens, attended, context_read):
+        """The model on numbers or numpy arrays alike (the cluster simulator times every instance's step
+        at once): `tokens` computed, `attended` token pairs of attention, `context_read` KV tokens read."""
+        compute = (2 * self.num_params * tokens + 4 * self.num_layers * self.hidden_size * attended) / self.flops
+        weights = self.weight_bytes or 2 * self.num_params
+        memory = (weights + self.kv_bytes_per_token * context_read) / self.memory_bandwidth
+        return self.step_overhead_s + np.maximum(compute, memory)
