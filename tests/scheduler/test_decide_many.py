@@ -156,3 +156,32 @@ def test_decide_many_reserves_a_given_table_in_place_and_leaves_the_snapshot_tab
     decide_many(snapshot, [r], policy, PrefixIndex(8), table=mine)
     assert mine.num_free_blocks.tolist() == [90, 89]          # prefill: 160/16; decode: 176/16
     assert mine.num_queued.tolist() == [1, 1]
+
+
+def uniform_registry(num_prefill: int, num_decode: int, seed: int) -> Registry:
+    """Mostly identical idle instances (the compiled pipeline skips rows equal to their neighbour), a few
+    loaded ones, and one draining."""
+    rng = random.Random(seed)
+    reg = Registry(heartbeat_timeout_s=3.0)
+    for i in range(num_prefill + num_decode):
+        role = Role.PREFILL if i < num_prefill else Role.DECODE
+        spec = InstanceSpec(f"u{i:03d}", role, f"127.0.0.1:{2000 + i}", "m", block_size=16, max_model_len=8192)
+        busy = rng.random() < 0.15
+        load = WorkerLoad(num_running=3 if busy else 0, num_waiting=rng.choice([0, 0, 1]), num_blocks=512,
+                          num_free_blocks=300 if busy else 512,
+                          num_waiting_tokens=500 if busy else 0, draining=i == num_prefill + 1)
+        reg.register(spec, NOW)
+        reg.heartbeat(spec.instance_id, load, NOW)
+    return reg
+
+
+@pytest.mark.parametrize("preset", ["ferry", "load_aware", "round_robin"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compiled_pipeline_equals_the_reference_on_a_large_uniform_cluster(preset: str, seed: int) -> None:
+    rng = random.Random(seed)
+    reqs = [RouteRequest(f"q{k}", "m", (), rng.choice([100, 900, 2500]), rng.choice([16, 300]),
+                         rng.choice(list(Priority))) for k in range(250)]
+    expected = server_path(uniform_registry(30, 50, seed), reqs, load_policy(preset), PrefixIndex(8), 0)
+    got = decide_many(uniform_registry(30, 50, seed).snapshot(NOW), reqs, load_policy(preset), PrefixIndex(8))
+    assert got == expected
+    assert len({d.decode_id for d in got if isinstance(d, Route)}) > 10

@@ -77,8 +77,8 @@ def _clamp01(x):
 
 
 @njit(cache=True)
-def _phase(phase, fcodes, scodes, weights, params, picker, weight_sum, order, bound, early, is_both, model_code,
-           last_heartbeat,
+def _phase(phase, fcodes, scodes, weights, params, picker, weight_sum, order, bound, early, same, is_both,
+           model_code, last_heartbeat,
            draining, block_size, max_model_len, num_blocks, free, running, queued, waiting_tokens, queued_blocks,
            headroom, id_rank, depth, store_depth, num_keys, model, prompt, max_tokens, high, now, timeout, ordinal,
            buffer):
@@ -88,9 +88,12 @@ def _phase(phase, fcodes, scodes, weights, params, picker, weight_sum, order, bo
     bound is below the best total found, which is exact because no later row can win or tie."""
     num_tokens = prompt if phase == PREFILL else prompt + min(max_tokens, 128)
     best, best_total, count, not_both = -1, 0.0, 0, False
-    for r in order:
+    for i in range(len(order)):
+        r = order[i]
         if early and best >= 0 and (bound[r] < best_total or (bound[r] == best_total and id_rank[r] > id_rank[best])):
             break     # rows come by falling bound, then rising id: none later can win, nor tie with a smaller id
+        if early and same[i]:
+            continue  # the same inputs as the row before it, whose id is smaller: it cannot beat that row
         passed = True
         for f in fcodes:
             if f == 0:
@@ -200,18 +203,43 @@ def _sort_phase(admit, ph, scodes, weights, params, weight_sum, num_keys, draini
 
 
 @njit(cache=True)
-def _sink(order, pos, bound, id_rank, ph, n, r, new_bound):
-    """Row r's bound fell (a reservation): move it down its phase's order to keep it sorted."""
+def _sink(order, pos, bound, same, id_rank, ph, n, r, new_bound):
+    """Row r's bound fell (a reservation): move it down its phase's order to keep it sorted (the rows it
+    passes keep their `same` flags: their neighbours move with them). Returns (old, new) position."""
     bound[ph, r] = new_bound
-    i = pos[ph, r]
+    i = old = pos[ph, r]
     while i + 1 < n and (bound[ph, order[ph, i + 1]] > new_bound or (
             bound[ph, order[ph, i + 1]] == new_bound and id_rank[order[ph, i + 1]] < id_rank[r])):
         nxt = order[ph, i + 1]
         order[ph, i] = nxt
+        same[ph, i] = same[ph, i + 1]
         pos[ph, nxt] = i
         i += 1
     order[ph, i] = r
     pos[ph, r] = i
+    return old, i
+
+
+@njit(cache=True)
+def _same(a, b, is_both, model_code, last_heartbeat, draining, block_size, max_model_len, num_blocks, free, running,
+          queued, waiting_tokens, queued_blocks, headroom, depth):
+    """Rows a and b give every request the same filter results and scores (every input is equal)."""
+    return (is_both[a] == is_both[b] and model_code[a] == model_code[b] and last_heartbeat[a] == last_heartbeat[b]
+            and draining[a] == draining[b] and block_size[a] == block_size[b]
+            and max_model_len[a] == max_model_len[b] and num_blocks[a] == num_blocks[b] and free[a] == free[b]
+            and running[a] == running[b] and queued[a] == queued[b] and waiting_tokens[a] == waiting_tokens[b]
+            and queued_blocks[a] == queued_blocks[b] and headroom[a] == headroom[b] and depth[a] == depth[b])
+
+
+@njit(cache=True)
+def _mark(order, same, ph, n, i, is_both, model_code, last_heartbeat, draining, block_size, max_model_len, num_blocks,
+          free, running, queued, waiting_tokens, queued_blocks, headroom, depth):
+    if 0 < i < n:
+        same[ph, i] = _same(order[ph, i - 1], order[ph, i], is_both, model_code, last_heartbeat, draining, block_size,
+                            max_model_len, num_blocks, free, running, queued, waiting_tokens, queued_blocks,
+                            headroom, depth)
+    elif i == 0:
+        same[ph, 0] = False
 
 
 @njit(cache=True)
@@ -227,6 +255,7 @@ def route_stream(start, prompts, max_tokens, highs, models, num_keys, depth, sto
     order = np.empty((3, n_rows), np.int64)
     pos = np.zeros((3, n_rows), np.int64)
     bound = np.zeros((3, n_rows))
+    same = np.zeros((3, n_rows), np.bool_)
     admits = (can_prefill, can_decode, is_both)
     scorer_sets = ((ps, pw, pp, pws), (ds, dw, dp, dws), (cs, cw, cp, cws))
     counts = np.zeros(3, np.int64)
@@ -236,19 +265,22 @@ def route_stream(start, prompts, max_tokens, highs, models, num_keys, depth, sto
         counts[ph] = _sort_phase(admits[ph], ph, sc, w, pa, ws, num_keys, draining, free, num_blocks, running,
                                  queued, waiting_tokens, queued_blocks, id_rank, order, pos, bound)
         rows = order[ph, :counts[ph]]
+        for i in range(counts[ph]):
+            _mark(order, same, ph, counts[ph], i, is_both, model_code, last_heartbeat, draining, block_size,
+                  max_model_len, num_blocks, free, running, queued, waiting_tokens, queued_blocks, headroom, depth)
         # a phase whose admitted rows mix BOTH and others needs the full candidate set (colocated or not)
         homogeneous = ph == COLOCATED or is_both[rows].all() or not is_both[rows].any()
         early[ph] = homogeneous and (pk, dk, ck)[ph] == 0
     has_other = (not is_both[order[0, :counts[0]]].all(), not is_both[order[1, :counts[1]]].all())
     for i in range(start, len(prompts)):
         prompt, mt, high, model, ordinal = prompts[i], max_tokens[i], highs[i], models[i], ordinal0 + i
-        p_row, p_mixed = _phase(PREFILL, pf, ps, pw, pp, pk, pws, order[0, :counts[0]], bound[0], early[0], is_both,
+        p_row, p_mixed = _phase(PREFILL, pf, ps, pw, pp, pk, pws, order[0, :counts[0]], bound[0], early[0], same[0], is_both,
                                 model_code, last_heartbeat, draining, block_size, max_model_len, num_blocks, free,
                                 running, queued, waiting_tokens, queued_blocks, headroom, id_rank, depth, store_depth,
                                 num_keys, model, prompt, mt, high, now, timeout, ordinal, buffer)
         if p_row < 0:
             return i
-        d_row, d_mixed = _phase(DECODE, df, ds, dw, dp, dk, dws, order[1, :counts[1]], bound[1], early[1], is_both,
+        d_row, d_mixed = _phase(DECODE, df, ds, dw, dp, dk, dws, order[1, :counts[1]], bound[1], early[1], same[1], is_both,
                                 model_code, last_heartbeat, draining, block_size, max_model_len, num_blocks, free,
                                 running, queued, waiting_tokens, queued_blocks, headroom, id_rank, depth, store_depth,
                                 num_keys, model, prompt, mt, high, now, timeout, ordinal, buffer)
@@ -259,7 +291,7 @@ def route_stream(start, prompts, max_tokens, highs, models, num_keys, depth, sto
         if early[1]:
             d_mixed = has_other[1]
         if not p_mixed and not d_mixed:
-            c_row, _ = _phase(COLOCATED, cf, cs, cw, cp, ck, cws, order[2, :counts[2]], bound[2], early[2], is_both,
+            c_row, _ = _phase(COLOCATED, cf, cs, cw, cp, ck, cws, order[2, :counts[2]], bound[2], early[2], same[2], is_both,
                               model_code, last_heartbeat, draining, block_size, max_model_len, num_blocks, free,
                               running, queued, waiting_tokens, queued_blocks, headroom, id_rank, depth, store_depth,
                               num_keys, model, prompt, mt, high, now, timeout, ordinal, buffer)
@@ -277,9 +309,13 @@ def route_stream(start, prompts, max_tokens, highs, models, num_keys, depth, sto
                 for ph in range(3):
                     if admits[ph][r]:
                         sc, w, pa, ws = scorer_sets[ph]
-                        _sink(order, pos, bound, id_rank, ph, counts[ph], r,
-                              _bound(sc, w, pa, ws, num_keys, r, draining, free, num_blocks, running, queued,
-                                     waiting_tokens, queued_blocks))
+                        old, new = _sink(order, pos, bound, same, id_rank, ph, counts[ph], r,
+                                         _bound(sc, w, pa, ws, num_keys, r, draining, free, num_blocks, running,
+                                                queued, waiting_tokens, queued_blocks))
+                        for i in (old, new, new + 1):     # r's old and new neighbours
+                            _mark(order, same, ph, counts[ph], i, is_both, model_code, last_heartbeat, draining,
+                                  block_size, max_model_len, num_blocks, free, running, queued, waiting_tokens,
+                                  queued_blocks, headroom, depth)
     return len(prompts)
 
 
