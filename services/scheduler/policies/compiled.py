@@ -30,6 +30,7 @@ SCORER_CODES = {scorers.PrefixAffinity: 0, scorers.FreeBlocks: 1, scorers.ShortQ
                 ttft.PredictedTtft: 4}
 PICKER_CODES = {routing.PickHighest: 0, pickers.RoundRobin: 1}
 PREFILL, DECODE, COLOCATED = 0, 1, 2
+ORDERED_BATCH = 16      # requests in one call from which the bound-ordered scan (and its upkeep) is used
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,13 @@ def route_stream(start, prompts, max_tokens, highs, models, num_keys, depth, sto
     scorer_sets = ((ps, pw, pp, pws), (ds, dw, dp, dws), (cs, cw, cp, cws))
     counts = np.zeros(3, np.int64)
     early = np.zeros(3, np.bool_)
+    ordered = len(prompts) - start >= ORDERED_BATCH     # sorting pays off over a stream, not for one request
     for ph in range(3):
+        if not ordered:
+            rows = np.flatnonzero(admits[ph])
+            counts[ph] = len(rows)
+            order[ph, :len(rows)] = rows
+            continue
         sc, w, pa, ws = scorer_sets[ph]
         counts[ph] = _sort_phase(admits[ph], ph, sc, w, pa, ws, num_keys, draining, free, num_blocks, running,
                                  queued, waiting_tokens, queued_blocks, id_rank, order, pos, bound)
@@ -305,6 +312,8 @@ def route_stream(start, prompts, max_tokens, highs, models, num_keys, depth, sto
             if p_row != d_row:
                 queued[p_row] += 1
                 free[p_row] = max(0, free[p_row] - _blocks(prompt, block_size[p_row]))
+            if not ordered:
+                continue
             for r in (p_row, d_row):
                 for ph in range(3):
                     if admits[ph][r]:
@@ -312,8 +321,8 @@ def route_stream(start, prompts, max_tokens, highs, models, num_keys, depth, sto
                         old, new = _sink(order, pos, bound, same, id_rank, ph, counts[ph], r,
                                          _bound(sc, w, pa, ws, num_keys, r, draining, free, num_blocks, running,
                                                 queued, waiting_tokens, queued_blocks))
-                        for i in (old, new, new + 1):     # r's old and new neighbours
-                            _mark(order, same, ph, counts[ph], i, is_both, model_code, last_heartbeat, draining,
+                        for j in (old, new, new + 1):     # r's old and new neighbours
+                            _mark(order, same, ph, counts[ph], j, is_both, model_code, last_heartbeat, draining,
                                   block_size, max_model_len, num_blocks, free, running, queued, waiting_tokens,
                                   queued_blocks, headroom, depth)
     return len(prompts)
