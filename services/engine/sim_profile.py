@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import yaml
 
+from services.common.named_yaml import find_yaml
+
 if TYPE_CHECKING:
     from services.engine.step_scheduler import SchedulerOutput
 
@@ -37,12 +39,7 @@ class SimProfile:
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> SimProfile:
-        path = Path(name_or_path)
-        if not path.is_file():
-            path = PROFILES / f"{name_or_path}.yaml"
-        if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
-            raise FileNotFoundError(f"no sim profile {name_or_path!r}; give a YAML path or one of: {known}")
+        path = find_yaml(name_or_path, PROFILES, "sim profile")
         data = yaml.safe_load(path.read_text())
         allowed = {f.name for f in fields(cls)}
         unknown = set(data) - allowed

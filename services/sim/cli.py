@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from services.common.named_yaml import find_yaml
 from services.sim.results import format_summary, summarize
 from services.sim.simulator import simulate
 from services.sim.spec import CONFIGS, spec_from_mapping
@@ -42,12 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(config: str, overrides: list[str]) -> dict:
-    path = Path(config)
-    if not path.is_file():
-        path = CONFIGS / f"{config}.yaml"
-    if not path.is_file():
-        raise ValueError(f"--config {config!r}: no such file or built-in spec")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml.safe_load(find_yaml(config, CONFIGS, "cluster spec").read_text()) or {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

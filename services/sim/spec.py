@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from services.common.cluster import Role
+from services.common.named_yaml import find_yaml
 
 CONFIGS = Path(__file__).parent / "configs"
 POOL_ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "colocated": Role.BOTH}
@@ -115,12 +116,7 @@ class ClusterSpec:
 
 def load_spec(path_or_name: str | Path, **overrides: Any) -> ClusterSpec:
     """A spec from YAML (a path, or a name under services/sim/configs), with top-level overrides."""
-    path = Path(path_or_name)
-    if not path.is_file():
-        path = CONFIGS / f"{path_or_name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
-        raise FileNotFoundError(f"no cluster spec {path_or_name!r}; give a YAML path or one of: {known}")
+    path = find_yaml(path_or_name, CONFIGS, "cluster spec")
     data = yaml.safe_load(path.read_text()) or {}
     data.update(overrides)
     return spec_from_mapping(data, where=str(path))

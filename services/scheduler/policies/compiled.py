@@ -78,15 +78,15 @@ def _clamp01(x):
 
 
 @njit(cache=True)
-def _phase(phase, fcodes, scodes, weights, params, picker, weight_sum, order, bound, early, same, is_both,
-           model_code, last_heartbeat,
-           draining, block_size, max_model_len, num_blocks, free, running, queued, waiting_tokens, queued_blocks,
-           headroom, id_rank, depth, store_depth, num_keys, model, prompt, max_tokens, high, now, timeout, ordinal,
-           buffer):
+def _phase(phase, profile, order, bound, early, same, cols, depth, store_depth, num_keys, model, prompt, max_tokens,
+           high, now, timeout, ordinal, buffer):
     """One phase of one request: (chosen row, or -1 when no row passes every filter; whether some
     candidate is not a BOTH instance). `order`: the rows the phase admits, in falling order of `bound`
     (an upper bound of each row's total score); with `early`, the scan stops at the first row whose
     bound is below the best total found, which is exact because no later row can win or tie."""
+    fcodes, scodes, weights, params, picker, weight_sum = profile
+    (is_both, model_code, last_heartbeat, draining, block_size, max_model_len, num_blocks, free, running, queued,
+     waiting_tokens, queued_blocks, headroom, id_rank) = cols
     num_tokens = prompt if phase == PREFILL else prompt + min(max_tokens, 128)
     best, best_total, count, not_both = -1, 0.0, 0, False
     for i in range(len(order)):
@@ -279,32 +279,25 @@ def route_stream(start, prompts, max_tokens, highs, models, num_keys, depth, sto
         homogeneous = ph == COLOCATED or is_both[rows].all() or not is_both[rows].any()
         early[ph] = homogeneous and (pk, dk, ck)[ph] == 0
     has_other = (not is_both[order[0, :counts[0]]].all(), not is_both[order[1, :counts[1]]].all())
+    profiles = ((pf, ps, pw, pp, pk, pws), (df, ds, dw, dp, dk, dws), (cf, cs, cw, cp, ck, cws))
+    cols = (is_both, model_code, last_heartbeat, draining, block_size, max_model_len, num_blocks, free, running, queued,
+            waiting_tokens, queued_blocks, headroom, id_rank)
+    chosen = np.empty(3, np.int64)
     for i in range(start, len(prompts)):
-        prompt, mt, high, model, ordinal = prompts[i], max_tokens[i], highs[i], models[i], ordinal0 + i
-        p_row, p_mixed = _phase(PREFILL, pf, ps, pw, pp, pk, pws, order[0, :counts[0]], bound[0], early[0], same[0], is_both,
-                                model_code, last_heartbeat, draining, block_size, max_model_len, num_blocks, free,
-                                running, queued, waiting_tokens, queued_blocks, headroom, id_rank, depth, store_depth,
-                                num_keys, model, prompt, mt, high, now, timeout, ordinal, buffer)
-        if p_row < 0:
-            return i
-        d_row, d_mixed = _phase(DECODE, df, ds, dw, dp, dk, dws, order[1, :counts[1]], bound[1], early[1], same[1], is_both,
-                                model_code, last_heartbeat, draining, block_size, max_model_len, num_blocks, free,
-                                running, queued, waiting_tokens, queued_blocks, headroom, id_rank, depth, store_depth,
-                                num_keys, model, prompt, mt, high, now, timeout, ordinal, buffer)
-        if d_row < 0:
-            return i
-        if early[0]:
-            p_mixed = has_other[0]
-        if early[1]:
-            d_mixed = has_other[1]
-        if not p_mixed and not d_mixed:
-            c_row, _ = _phase(COLOCATED, cf, cs, cw, cp, ck, cws, order[2, :counts[2]], bound[2], early[2], same[2], is_both,
-                              model_code, last_heartbeat, draining, block_size, max_model_len, num_blocks, free,
-                              running, queued, waiting_tokens, queued_blocks, headroom, id_rank, depth, store_depth,
-                              num_keys, model, prompt, mt, high, now, timeout, ordinal, buffer)
-            if c_row < 0:
+        mixed = False
+        for ph in range(3):
+            if ph == COLOCATED and mixed:
+                break                        # some candidate is a dedicated instance: disaggregated
+            row, phase_mixed = _phase(ph, profiles[ph], order[ph, :counts[ph]], bound[ph], early[ph], same[ph], cols,
+                                      depth, store_depth, num_keys, models[i], prompts[i], max_tokens[i], highs[i],
+                                      now, timeout, ordinal0 + i, buffer)
+            if row < 0:
                 return i
-            p_row = d_row = c_row
+            chosen[ph] = row
+            if ph < COLOCATED:
+                mixed = mixed or (has_other[ph] if early[ph] else phase_mixed)
+        p_row, d_row = (chosen[0], chosen[1]) if mixed else (chosen[2], chosen[2])
+        prompt, mt = prompts[i], max_tokens[i]
         out_prefill[i], out_decode[i] = p_row, d_row
         if reserve:
             queued[d_row] += 1
