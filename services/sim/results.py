@@ -4,7 +4,8 @@ and definitions, plus what only a simulator can count over a whole cluster.
     ttft   first token − arrival                    tpot  (E2E − TTFT) / (output tokens − 1)
     e2el   completion − arrival                     goodput  requests/s meeting every SLO (DistServe)
     gpu_hours, energy_kwh, energy_per_token_j, cost_usd   per pool and in total
-    migrations {reason: {outcome: n}}, preemptions, prefix hit rates (trace blocks)
+    migrations {reason: {outcome: n}}, preemptions (KV, recomputed), spot {notices, instances_killed,
+    requests_rerouted}, prefix hit rates (trace blocks)
 
 ITL is not reported: the simulator advances a request's tokens in steps it does not record one by
 one; its per-request mean is TPOT.
@@ -62,6 +63,7 @@ def summarize(out: Outcome) -> dict:
         "migrations": _nested(out.migrations),
         "migrated_requests": int(np.count_nonzero(out.num_migrations)),
         "preemptions": int(out.num_preemptions.sum()),
+        "spot": {k: out.spot.get(k, 0) for k in ("notices", "instances_killed", "requests_rerouted")},
         "prefix_blocks": dict(out.prefix_blocks),
         "prefix_hit_rate": _rate(out.prefix_blocks, "local_hit"),
         "prefix_hit_rate_with_kvstore": _rate(out.prefix_blocks, "local_hit", "kvstore_hit"),

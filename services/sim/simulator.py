@@ -70,6 +70,7 @@ class Outcome:
     num_preemptions: np.ndarray
     failures: Counter
     migrations: Counter             # (reason, outcome) -> count
+    spot: Counter                   # notices, instances killed, requests re-routed after a kill
     prefix_blocks: dict[str, int]   # prompt / local_hit / kvstore_hit blocks (trace-block granularity)
     gpu_seconds: dict[str, float]   # per pool
     energy_j: dict[str, float]      # per pool
@@ -137,6 +138,7 @@ class Simulator:
         self.n_migr, self.n_preempt = np.zeros(n, np.int32), np.zeros(n, np.int32)
         self.failures: Counter = Counter()
         self.migrations: Counter = Counter()
+        self.spot: Counter = Counter()
         self.prefix_blocks = {"prompt": 0, "local_hit": 0, "kvstore_hit": 0}
         # work queues: prompt work on prefill-capable instances; KV on its way to / waiting at a decode
         # instance; requests decoding (their progress is `steps` of their instance minus `join`)
@@ -203,7 +205,7 @@ class Simulator:
                 self.status[stuck] = FAILED
                 break
         return Outcome(spec, self.trace, self.status, self.t_first, self.t_done, self.n_migr, self.n_preempt,
-                       self.failures, self.migrations, self.prefix_blocks,
+                       self.failures, self.migrations, self.spot, self.prefix_blocks,
                        self._per_pool(self.gpu_s), self._per_pool(self.energy),
                        {p.name: float(self.gpu_s[k] / 3600 * spec.gpus[p.gpu].price_per_hour)
                         for k, p in enumerate(spec.pools)},
@@ -550,6 +552,7 @@ class Simulator:
             if event.preempt not in self.ids:
                 raise ValueError(f"spot event at {event.at_s}s preempts unknown instance {event.preempt!r}")
             i = self.ids.index(event.preempt)
+            self.spot["notices"] += 1
             self.draining[i] = True
             self.down_at[i] = event.at_s + event.notice_s
             return
@@ -565,6 +568,7 @@ class Simulator:
         dead = np.flatnonzero(self.alive & (self.down_at <= now))
         for i in dead.tolist():
             self.alive[i] = False
+            self.spot["instances_killed"] += 1
             self.prefix_index.remove_instance(self.ids[i])
             self.caches.pop(i, None)
             run = self.running
@@ -572,10 +576,12 @@ class Simulator:
             ctx = (run.ctx0[mine] + self.dec_steps[i] - run.join[mine]).astype(np.int64)
             self.reroutes.append(req=run.req[mine], t=now, ctx=ctx,
                                  left=np.ceil(run.target[mine] - self.dec_steps[i]).astype(np.int64))
+            self.spot["requests_rerouted"] += int(mine.sum())
             self._leave(mine)
             for q, ctx_name in ((self.prefill, "ctx"), (self.inbox, "ctx")):
                 lost = (q.inst == i) | ((q.dest == i) if q is self.prefill else False)
                 if lost.any():
+                    self.spot["requests_rerouted"] += int(lost.sum())
                     self.reroutes.append(req=q.req[lost], t=now, ctx=getattr(q, ctx_name)[lost] - 1,
                                          left=q.left[lost])
                     q.keep(~lost)

@@ -123,6 +123,8 @@ def test_a_spot_kill_without_migration_reroutes_and_loses_nothing() -> None:
     out = simulate(s, t)
     assert (out.status == DONE).all()
     assert out.series["replicas_decode"].max() == 4 and out.series["replicas_decode"][-1] == 3
+    spot = summarize(out)["spot"]
+    assert spot["notices"] == 1 and spot["instances_killed"] == 1 and spot["requests_rerouted"] > 0
 
 
 def test_prefix_aware_routing_hits_more_cache_than_round_robin() -> None:
