@@ -106,7 +106,7 @@ class Simulator:
         self.up_at, self.down_at = z(), np.full(capacity, math.inf)
         self.can_prefill, self.can_decode, self.is_both = z(bool), z(bool), z(bool)
         self.dec_steps, self.dec_n, self.dec_base = z(), z(np.int64), z()
-        self.step_s, self.drate, self.prate = z(), z(), z()
+        self.drate, self.prate = z(), z()         # decode steps/s and prompt tokens/s of each instance
         self.step_tokens, self.step_left = z(), z()     # prompt tokens of the step in progress, and left of it
         self.pool_index = z(np.int64)
         for i in range(len(self.ids)):
@@ -359,8 +359,6 @@ class Simulator:
     def _set_rates(self, sum_ctx: np.ndarray) -> None:
         n, chunk = self.dec_n, self.chunk
         step = self.profile.seconds(n + chunk, sum_ctx + chunk * (chunk + 1) / 2, sum_ctx + chunk)
-        work = (n + chunk) > 0
-        self.step_s = np.where(work, step, 0.0)
         self.drate = np.where(n > 0, 1.0 / step, 0.0)
         self.prate = np.where(chunk > 0, chunk / step, 0.0)
 
