@@ -117,3 +117,15 @@ def status_to_proto(state: InstanceState, now: float, healthy: bool) -> schedule
     return scheduler_pb2.InstanceStatus(instance=spec_to_proto(state.spec), load=load_to_proto(state.load),
                                         last_heartbeat_age_s=max(0.0, now - state.last_heartbeat),
                                         healthy=healthy)
+
+
+def recommendations_to_proto(decisions, signals, decided_at: float) -> scheduler_pb2.ScaleRecommendationsReply:
+    """The autoscaler's latest `ScaleDecision`s (and the attainment each pool was judged by)."""
+    def attainment(pool: str) -> float:
+        value = signals[pool].slo_attainment if pool in signals else None
+        return -1.0 if value is None else value
+    return scheduler_pb2.ScaleRecommendationsReply(
+        pools=[scheduler_pb2.PoolRecommendation(pool=d.pool, current=d.current, target=d.target, desired=d.desired,
+                                                reason=d.reason, slo_attainment=attainment(d.pool))
+               for d in decisions],
+        decided_at_unix_s=decided_at)

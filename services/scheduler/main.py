@@ -2,6 +2,7 @@
 
     registry (restored from Redis if --redis-url) ─▶ SchedulerService on grpc.aio ─▶ :port
     sweeper task (every heartbeat interval) · Redis flusher task · /metrics on --metrics-port
+    migrator task (live migration) · autoscaler task (--autoscale-interval-s; Prometheus or scraping)
 """
 from __future__ import annotations
 
@@ -15,15 +16,19 @@ from services.common.grpc_util import aio_server, bind
 from services.common.lifecycle import run_service
 from services.common.settings import parse_settings, setting
 from services.gen.ferry.v1 import scheduler_pb2_grpc
+from services.engine.sim_profile import SimProfile
+from services.scheduler.autoscaler import Autoscaler, Slo
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.migrator import Migrator
 from services.scheduler.persistence import RedisPersistence
 from services.scheduler.policies import load_policy
+from services.scheduler.policies.autoscale import AutoscaleConfig, PoolBounds
 from services.scheduler.policies.compiled import warm_up
 from services.scheduler.policies.migration import MigrationConfig
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.registry import Registry
 from services.scheduler.server import SchedulerService
+from services.scheduler.telemetry import PrometheusSource, ScrapeSource
 
 log = logging.getLogger("ferry.scheduler")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -55,6 +60,30 @@ class SchedulerSettings:
     routing_config: str = setting("ferry", "routing policy: a preset (ferry, load_aware, round_robin) or a "
                                   "YAML file of filters, weighted scorers and a picker per profile "
                                   "(docs/scheduler.md#routing)")
+    autoscale_interval_s: float = setting(0.0, "how often the autoscaler recommends pool sizes (0 = off); "
+                                          "GetScaleRecommendations serves them to the platform")
+    autoscale_window_s: float = setting(60.0, "the window of the rates and SLO attainment it sizes by")
+    prometheus_url: str = setting("", "read the gateways' counters for autoscaling from this Prometheus "
+                                  "(http://host:9090) with PromQL; empty = scrape --gateway-metrics-urls itself")
+    prometheus_selector: str = setting("", "label matchers added to every PromQL query, e.g. "
+                                       'namespace="ferry",ferry_cluster="ferry"')
+    gateway_metrics_urls: str = setting("", "comma-separated /metrics URLs of the gateways, scraped when no "
+                                        "--prometheus-url is set")
+    slo_ttft_ms: float = setting(2000.0, "time-to-first-token SLO that sizes the prefill pool (the gateway's)")
+    slo_tpot_ms: float = setting(100.0, "time-per-output-token SLO that sizes the decode pool (the gateway's)")
+    autoscale_profile: str = setting("llama3-8b-h100", "the workers' performance profile (a services/engine/"
+                                     "profiles name or YAML path): the per-instance goodput model")
+    autoscale_prefill_replicas: str = setting("1:16", "MIN:MAX prefill replicas the autoscaler recommends")
+    autoscale_decode_replicas: str = setting("1:16", "MIN:MAX decode replicas the autoscaler recommends")
+    autoscale_attainment_target: float = setting(0.95, "a pool below this SLO attainment gets another replica")
+    autoscale_headroom: float = setting(1.2, "capacity provisioned per unit of modeled demand")
+    autoscale_scale_up_after_s: float = setting(15.0, "a larger size must be asked for this long before it is "
+                                                "recommended")
+    autoscale_scale_down_after_s: float = setting(120.0, "a smaller size must be asked for this long before it "
+                                                  "is recommended (one replica at a time, drained first)")
+    autoscale_max_num_seqs: int = setting(256, "the decode workers' max_num_seqs (bounds the goodput model)")
+    power_budget_watts: float = setting(0.0, "the cluster's GPU power budget, exported for dashboards and "
+                                        "alerts (0 = none)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -82,6 +111,23 @@ class SchedulerSettings:
         if self.migration_interval_s < 0:
             raise ValueError(f"--migration-interval-s must be >= 0 (0 = off), got {self.migration_interval_s}")
         self.migration_config()               # validates the rest (a ValueError names the setting)
+        if self.autoscale_interval_s < 0 or self.autoscale_window_s <= 0:
+            raise ValueError(f"--autoscale-interval-s {self.autoscale_interval_s} must be >= 0 (0 = off) and "
+                             f"--autoscale-window-s {self.autoscale_window_s} > 0")
+        if self.autoscale_interval_s and self.autoscale_window_s < self.autoscale_interval_s:
+            raise ValueError(f"--autoscale-window-s {self.autoscale_window_s} must cover at least one "
+                             f"--autoscale-interval-s ({self.autoscale_interval_s})")
+        if self.prometheus_url and not self.prometheus_url.startswith(("http://", "https://")):
+            raise ValueError(f"--prometheus-url {self.prometheus_url!r} must start with http:// or https://")
+        if self.slo_ttft_ms <= 0 or self.slo_tpot_ms <= 0:
+            raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be > 0")
+        if self.power_budget_watts < 0:
+            raise ValueError(f"--power-budget-watts must be >= 0 (0 = none), got {self.power_budget_watts}")
+        self.autoscale_config()               # bounds and fractions (a ValueError names the setting)
+        try:
+            SimProfile.load(self.autoscale_profile)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--autoscale-profile: {e}") from None
         if self.prefix_index_size < 1:
             raise ValueError(f"--prefix-index-size must be >= 1, got {self.prefix_index_size}")
         try:
@@ -94,10 +140,42 @@ class SchedulerSettings:
     def policy_names(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in self.migration_policies.split(",") if p.strip())
 
+    def autoscale_config(self) -> AutoscaleConfig:
+        try:
+            return AutoscaleConfig(prefill=replica_bounds(self.autoscale_prefill_replicas, "prefill"),
+                                   decode=replica_bounds(self.autoscale_decode_replicas, "decode"),
+                                   attainment_target=self.autoscale_attainment_target,
+                                   headroom=self.autoscale_headroom,
+                                   scale_up_after_s=self.autoscale_scale_up_after_s,
+                                   scale_down_after_s=self.autoscale_scale_down_after_s)
+        except ValueError as e:
+            raise ValueError(f"autoscaling: {e}") from None
+
+    def autoscaler(self, registry: Registry, metrics: SchedulerMetrics) -> Autoscaler:
+        if self.prometheus_url:
+            source = PrometheusSource(self.prometheus_url, self.prometheus_selector)
+        else:
+            source = ScrapeSource(u.strip() for u in self.gateway_metrics_urls.split(",") if u.strip())
+        return Autoscaler(registry, source, self.autoscale_config(), SimProfile.load(self.autoscale_profile),
+                          Slo(self.slo_ttft_ms / 1000, self.slo_tpot_ms / 1000), interval_s=self.autoscale_interval_s,
+                          window_s=self.autoscale_window_s, metrics=metrics, max_num_seqs=self.autoscale_max_num_seqs)
+
     def migration_config(self) -> MigrationConfig:
         return MigrationConfig(**{name: name in self.policy_names for name in MIGRATION_POLICIES},
                                load_balance_gap=self.migration_load_balance_gap,
                                max_migrations_per_round=self.migration_max_per_round)
+
+
+def replica_bounds(text: str, pool: str) -> PoolBounds:
+    """"MIN:MAX" -> PoolBounds; the ValueError says which setting and what to write."""
+    low, sep, high = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return PoolBounds(int(low), int(high))
+    except ValueError as e:
+        raise ValueError(f"--autoscale-{pool}-replicas {text!r}: use MIN:MAX with 0 <= MIN <= MAX, e.g. 1:16"
+                         + (f" ({e})" if str(e) else "")) from None
 
 
 async def serve(settings: SchedulerSettings, stop: asyncio.Event) -> None:
@@ -121,10 +199,14 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     if settings.migration_interval_s > 0:
         migrator = Migrator(registry, settings.migration_config(), metrics, interval_s=settings.migration_interval_s)
         log.info("live migration every %g s: %s", settings.migration_interval_s, ", ".join(settings.policy_names))
+    metrics.power_budget.set(settings.power_budget_watts)
+    autoscaler = None
+    if settings.autoscale_interval_s > 0:
+        autoscaler = settings.autoscaler(registry, metrics)
     service = SchedulerService(registry, PrefixIndex(settings.prefix_index_size), policy,
                                heartbeat_interval_s=settings.heartbeat_interval_s,
                                expiry_s=settings.instance_expiry_s, persistence=persistence, metrics=metrics,
-                               migrator=migrator)
+                               migrator=migrator, autoscaler=autoscaler)
     server = aio_server()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
     port = bind(server, settings.host, settings.port)
@@ -133,6 +215,8 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     tasks = [asyncio.create_task(service.run_sweeper(stop))]
     if migrator is not None:
         tasks.append(asyncio.create_task(migrator.run(stop)))
+    if autoscaler is not None:
+        tasks.append(asyncio.create_task(autoscaler.run(stop)))
     if persistence is not None:
         tasks.append(asyncio.create_task(persistence.run_flusher(stop)))
     try:

@@ -9,6 +9,14 @@
     ferry_scheduler_migration_duration_seconds          histogram: whole migration (all stages)
     ferry_scheduler_migration_bytes_total{reason}       KV bytes moved by completed migrations
     ferry_scheduler_preemption_notices_total{source}    spot-termination notices (NotifyPreemption), by source
+    ferry_scheduler_autoscaler_target_replicas{pool}    what the signals ask for now (within the bounds)
+    ferry_scheduler_autoscaler_desired_replicas{pool}   the recommendation: target once its hysteresis held
+    ferry_scheduler_autoscaler_decisions_total{pool, direction, reason}   recommendations that changed
+    ferry_scheduler_autoscaler_slo_attainment{pool}     over the window (prefill: TTFT, decode: TPOT)
+    ferry_scheduler_autoscaler_demand_requests_per_second{pool} / _capacity_requests_per_second{pool}
+                                                        the demand and per-instance goodput it sized by
+    ferry_scheduler_telemetry_errors_total              failed reads of Prometheus or the gateways' /metrics
+    ferry_scheduler_power_budget_watts                  the cluster's GPU power budget (0 = none)
 """
 from __future__ import annotations
 
@@ -49,6 +57,26 @@ class SchedulerMetrics:
         self.preemption_notices = Counter("ferry_scheduler_preemption_notices", "Preemption notices received "
                                           "by source (node-taint|aws-metadata|gcp-metadata|azure-metadata|admin)",
                                           ["source"], registry=self.registry)
+        self.autoscaler_target = Gauge("ferry_scheduler_autoscaler_target_replicas", "Replicas the "
+                                       "autoscaler's signals ask for now, per pool", ["pool"], registry=self.registry)
+        self.autoscaler_desired = Gauge("ferry_scheduler_autoscaler_desired_replicas", "Replicas the autoscaler "
+                                        "recommends, per pool", ["pool"], registry=self.registry)
+        self.autoscaler_decisions = Counter("ferry_scheduler_autoscaler_decisions", "Recommendations that changed "
+                                            "a pool's size, by direction (up|down) and reason", ["pool", "direction",
+                                                                                               "reason"],
+                                            registry=self.registry)
+        self.autoscaler_attainment = Gauge("ferry_scheduler_autoscaler_slo_attainment", "Fraction of requests "
+                                           "within the pool's SLO over the autoscaler's window (prefill: TTFT, "
+                                           "decode: TPOT)", ["pool"], registry=self.registry)
+        self.autoscaler_demand = Gauge("ferry_scheduler_autoscaler_demand_requests_per_second", "Requests/s the "
+                                       "autoscaler sized the pool for", ["pool"], registry=self.registry)
+        self.autoscaler_capacity = Gauge("ferry_scheduler_autoscaler_capacity_requests_per_second",
+                                         "Requests/s one instance serves within the SLO (the goodput model)",
+                                         ["pool"], registry=self.registry)
+        self.telemetry_errors = Counter("ferry_scheduler_telemetry_errors", "Failed reads of Prometheus or the "
+                                        "gateways' /metrics by the autoscaler", registry=self.registry)
+        self.power_budget = Gauge("ferry_scheduler_power_budget_watts", "GPU power budget of the cluster "
+                                  "(0 = none)", registry=self.registry)
         self.migration_bytes = Counter("ferry_scheduler_migration_bytes", "KV bytes moved by live migrations",
                                        ["reason"], registry=self.registry)
 
@@ -59,6 +87,19 @@ class SchedulerMetrics:
             counts[(instance.spec.role.value, healthy)] += 1
         for (role, healthy), n in counts.items():
             self.instances.labels(role=role, healthy=healthy).set(n)
+
+    def observe_scale_decision(self, decision, signals, previous_desired: int) -> None:
+        pool = decision.pool
+        self.autoscaler_target.labels(pool=pool).set(decision.target)
+        self.autoscaler_desired.labels(pool=pool).set(decision.desired)
+        for gauge, value in ((self.autoscaler_attainment, signals.slo_attainment),
+                             (self.autoscaler_demand, signals.demand_rps),
+                             (self.autoscaler_capacity, signals.capacity_rps)):
+            if value is not None:
+                gauge.labels(pool=pool).set(value)
+        if decision.desired != decision.current and decision.desired != previous_desired:
+            direction = "up" if decision.desired > decision.current else "down"
+            self.autoscaler_decisions.labels(pool=pool, direction=direction, reason=decision.reason).inc()
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server (a daemon thread); returns the bound port."""

@@ -25,6 +25,7 @@ from services.common.cluster import NoRoute, Route, RouteRequest
 from services.gen.ferry.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler import convert
 from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.autoscaler import Autoscaler
 from services.scheduler.migrator import Migrator
 from services.scheduler.persistence import RedisPersistence
 from services.scheduler.policies.routing import RoutingPolicy, decide, record_route
@@ -38,9 +39,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, registry: Registry, prefix_index: PrefixIndex, policy: RoutingPolicy, *,
                  heartbeat_interval_s: float, expiry_s: float, persistence: RedisPersistence | None = None,
                  metrics: SchedulerMetrics | None = None, clock: Callable[[], float] = time.time,
-                 migrator: Migrator | None = None) -> None:
+                 migrator: Migrator | None = None, autoscaler: Autoscaler | None = None) -> None:
         self.registry = registry
         self.migrator = migrator
+        self.autoscaler = autoscaler
         self.prefix_index = prefix_index
         self.policy = policy
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -111,6 +113,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         snapshot = self.registry.snapshot(self.clock())
         return scheduler_pb2.ListInstancesReply(instances=[
             convert.status_to_proto(s, snapshot.now, snapshot.is_alive(s)) for s in snapshot.instances])
+
+    async def GetScaleRecommendations(self, request, context):
+        if self.autoscaler is None:
+            return scheduler_pb2.ScaleRecommendationsReply()
+        return convert.recommendations_to_proto(self.autoscaler.decisions, self.autoscaler.signals,
+                                                self.autoscaler.decided_at)
 
     async def _route(self, request, context) -> scheduler_pb2.RouteReply:
         try:

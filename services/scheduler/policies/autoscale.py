@@ -1,0 +1,140 @@
+"""Autoscaling, a pure policy: pool signals (from Prometheus or the built-in scraper) -> replica targets.
+
+Prefill and decode are sized separately, each from its own SLO (DistServe/Splitwise):
+
+    prefill   TTFT attainment, requests waiting for their first token, prompt-token demand
+    decode    TPOT attainment, KV-cache utilization, requests running per instance
+
+Each target starts from demand over per-instance goodput (`capacity.py`: the requests/s one instance
+serves within the SLO, from the engine's performance profile), times `headroom`. Feedback then corrects
+the model: a pool that misses its SLO, queues or fills its KV cache gets at least one more replica than
+it has. A target above the current count is applied once it has held for `scale_up_after_s`; below, once
+it has held for `scale_down_after_s` (hysteresis as durations; the platform then drains before it
+removes, so scale-in loses nothing). Bounds clamp last.
+
+    decide(config, signals, state, now) -> (decisions, state)
+
+`AutoscaleState` carries the hysteresis timers between calls; the caller keeps it and passes it back.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+POOLS = ("prefill", "decode")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolBounds:
+    min_replicas: int = 1
+    max_replicas: int = 16
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"replica bounds [{self.min_replicas}, {self.max_replicas}]: need "
+                             "0 <= min_replicas <= max_replicas")
+
+    def clamp(self, n: int) -> int:
+        return max(self.min_replicas, min(self.max_replicas, n))
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscaleConfig:
+    prefill: PoolBounds = PoolBounds()
+    decode: PoolBounds = PoolBounds()
+    attainment_target: float = 0.95      # fraction of finished requests within the pool's SLO
+    headroom: float = 1.2                # capacity provisioned per unit of modeled demand
+    kv_utilization_high: float = 0.85    # decode: scale out above this mean KV use
+    queue_per_instance_high: float = 4.0 # prefill: scale out above this many waiting requests each
+    scale_up_after_s: float = 15.0       # a higher target must hold this long before it applies
+    scale_down_after_s: float = 120.0    # a lower target must hold this long before it applies
+    max_step_down: int = 1               # replicas removed per decision at most (each one drains)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.attainment_target <= 1:
+            raise ValueError(f"attainment_target {self.attainment_target}: use a fraction in (0, 1]")
+        if self.headroom < 1:
+            raise ValueError(f"headroom {self.headroom}: use >= 1 (capacity per unit of demand)")
+        if not 0 < self.kv_utilization_high <= 1:
+            raise ValueError(f"kv_utilization_high {self.kv_utilization_high}: use a fraction in (0, 1]")
+        if self.scale_up_after_s < 0 or self.scale_down_after_s < 0:
+            raise ValueError("scale_up_after_s and scale_down_after_s must be >= 0 (seconds)")
+        if self.max_step_down < 1:
+            raise ValueError(f"max_step_down {self.max_step_down}: use >= 1")
+
+    def bounds(self, pool: str) -> PoolBounds:
+        return self.prefill if pool == "prefill" else self.decode
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSignals:
+    """What one pool looks like over the last window. `None` = no data (nothing finished, or no
+    source for it); a signal without data never triggers anything."""
+    replicas: int                        # instances serving now (not draining)
+    demand_rps: float | None = None      # requests/s arriving for this pool
+    capacity_rps: float | None = None    # requests/s one instance serves within the SLO (capacity.py)
+    slo_attainment: float | None = None  # prefill: TTFT; decode: TPOT
+    waiting_per_instance: float | None = None
+    kv_utilization: float | None = None  # mean over the pool, 0..1
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleDecision:
+    pool: str
+    current: int
+    target: int           # what the signals ask for now (after bounds)
+    desired: int          # what to run: target once its hysteresis held, else current
+    reason: str           # demand | slo | queue | kv | idle | bounds | steady
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscaleState:
+    """Per pool: (direction of the pending change, since when) — the hysteresis timers."""
+    pending: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+
+def decide(config: AutoscaleConfig, signals: dict[str, PoolSignals], state: AutoscaleState,
+           now: float) -> tuple[list[ScaleDecision], AutoscaleState]:
+    decisions, pending = [], dict(state.pending)
+    for pool in POOLS:
+        if pool not in signals:
+            continue
+        s = signals[pool]
+        target, reason = pool_target(config, pool, s)
+        direction = (target > s.replicas) - (target < s.replicas)
+        if direction == 0:
+            pending.pop(pool, None)
+            decisions.append(ScaleDecision(pool, s.replicas, target, s.replicas, reason))
+            continue
+        since = pending[pool][1] if pending.get(pool, (0, 0.0))[0] == direction else now
+        pending[pool] = (direction, since)
+        wait = config.scale_up_after_s if direction > 0 else config.scale_down_after_s
+        desired = s.replicas
+        if now - since >= wait:
+            desired = target if direction > 0 else max(target, s.replicas - config.max_step_down)
+            pending.pop(pool)
+        decisions.append(ScaleDecision(pool, s.replicas, target, desired, reason))
+    return decisions, replace(state, pending=pending)
+
+
+def pool_target(config: AutoscaleConfig, pool: str, s: PoolSignals) -> tuple[int, str]:
+    """The replica count the signals ask for (bounded), and the signal that decided it."""
+    bounds = config.bounds(pool)
+    target, reason = s.replicas, "steady"
+    if s.demand_rps == 0:
+        target, reason = 0, "idle"
+    elif s.demand_rps is not None and s.capacity_rps:
+        target = math.ceil(s.demand_rps * config.headroom / s.capacity_rps - 1e-9)
+        reason = "demand" if target != s.replicas else "steady"
+    for missed, why in ((s.slo_attainment is not None and s.slo_attainment < config.attainment_target, "slo"),
+                        (pool == "prefill" and s.waiting_per_instance is not None
+                         and s.waiting_per_instance > config.queue_per_instance_high, "queue"),
+                        (pool == "decode" and s.kv_utilization is not None
+                         and s.kv_utilization > config.kv_utilization_high, "kv")):
+        if missed and target <= s.replicas:
+            target, reason = s.replicas + 1, why
+            break
+    bounded = bounds.clamp(target)
+    if bounded != target:
+        reason = "bounds"
+    return bounded, reason
