@@ -22,6 +22,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -60,7 +61,7 @@ class TestPrometheus:
         self._proc: subprocess.Popen | None = None
 
     # ---- life -----------------------------------------------------------------------------
-    def start(self) -> TestPrometheus:
+    def start(self) -> Self:
         binary = prometheus_binary()
         if binary is None:
             raise RuntimeError(MISSING)
@@ -92,7 +93,7 @@ class TestPrometheus:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
 
-    def __enter__(self) -> TestPrometheus:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
