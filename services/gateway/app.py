@@ -221,7 +221,11 @@ def _observe(gw: Gateway, gen: Generation, endpoint: str, status: str) -> None:
     m.cached_tokens.inc(gen.num_cached_tokens)
     if gen.first_token_at is not None:
         now = time.monotonic()
-        m.ttft.observe(gen.first_token_at - gen.started)
+        ttft = gen.first_token_at - gen.started
+        tpot = (now - gen.first_token_at) / (gen.num_output_tokens - 1) if gen.num_output_tokens > 1 else None
+        m.ttft.observe(ttft)
         m.e2e.observe(now - gen.started)
-        if gen.num_output_tokens > 1:
-            m.tpot.observe((now - gen.first_token_at) / (gen.num_output_tokens - 1))
+        if tpot is not None:
+            m.tpot.observe(tpot)
+        if status == "200":
+            m.observe_slo(ttft, tpot)

@@ -27,6 +27,8 @@ class GatewaySettings:
     sink_advertise_address: str = setting("", "host:port workers push tokens to (default: host:sink_port)")
     scheduler_address: str = setting("127.0.0.1:50050", "scheduler host:port")
     token_timeout_s: float = setting(120.0, "fail a request when no token arrives for this long")
+    slo_ttft_ms: float = setting(2000.0, "time-to-first-token objective a request meets (ferry_gateway_slo_*)")
+    slo_tpot_ms: float = setting(100.0, "time-per-output-token objective a request meets (ferry_gateway_slo_*)")
 
     def __post_init__(self) -> None:
         if not (Path(self.model) / "tokenizer.json").is_file() and not (Path(self.model) / "tokenizer.model").is_file():
@@ -36,6 +38,9 @@ class GatewaySettings:
                 raise ValueError(f"{name} {getattr(self, name)} is outside 0..65535")
         if self.token_timeout_s <= 0:
             raise ValueError("token_timeout_s must be > 0")
+        if self.slo_ttft_ms <= 0 or self.slo_tpot_ms <= 0:
+            raise ValueError(f"the SLO must be > 0 ms, got TTFT {self.slo_ttft_ms} and TPOT {self.slo_tpot_ms}: "
+                             "set --slo-ttft-ms and --slo-tpot-ms")
 
 
 async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
@@ -43,7 +48,7 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
     from transformers import AutoTokenizer
 
     from services.gateway.app import Gateway, create_app
-    from services.gateway.metrics import GatewayMetrics
+    from services.gateway.metrics import SLO, GatewayMetrics
     from services.gateway.scheduler_client import SchedulerClient
     from services.gateway.token_sink import TokenSink
 
@@ -61,8 +66,9 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
             channels[address] = aio_channel(address)
         return channels[address]
 
+    metrics = GatewayMetrics(SLO(ttft_s=s.slo_ttft_ms / 1000, tpot_s=s.slo_tpot_ms / 1000))
     gw = Gateway(tokenizer=tokenizer, sink=sink, sink_address=s.sink_advertise_address or f"{s.host}:{sink_port}",
-                 scheduler=scheduler, channels=channel, metrics=GatewayMetrics(), token_timeout_s=s.token_timeout_s)
+                 scheduler=scheduler, channels=channel, metrics=metrics, token_timeout_s=s.token_timeout_s)
     refresher = asyncio.create_task(scheduler.keep_refreshed())
     config = uvicorn.Config(create_app(gw), host=s.host, port=s.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=3, lifespan="off")

@@ -1,5 +1,19 @@
-"""The gateway's Prometheus metrics (names follow Prometheus conventions; units in the name)."""
+"""The gateway's Prometheus metrics (names follow Prometheus conventions; units in the name).
+
+Besides the latency histograms, the gateway judges each successfully finished generation request
+against the cluster's SLO (`--slo-ttft-ms`, `--slo-tpot-ms`) once, when it finishes:
+
+    ferry_gateway_slo_requests_total{slo="ttft"|"tpot"|"all", result="met"|"missed"}
+    ferry_gateway_slo_target_seconds{slo="ttft"|"tpot"}
+
+A request with at most one output token has no time per output token and meets the TPOT objective.
+`slo="all"` is met when both are; its `met` rate is the goodput (requests/s within the SLO). The
+scheduler's autoscaler reads TTFT attainment for the prefill pool and TPOT attainment for decode from
+these names; docs/metrics.md has the PromQL.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -7,8 +21,16 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
 
 
+@dataclass(frozen=True, slots=True)
+class SLO:
+    """Per-request latency objectives, in seconds."""
+    ttft_s: float = 2.0
+    tpot_s: float = 0.1
+
+
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, slo: SLO | None = None) -> None:
+        self.slo = slo or SLO()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("ferry_gateway_requests", "Finished HTTP generation requests",
@@ -27,3 +49,20 @@ class GatewayMetrics:
                                      registry=r)
         self.aborted = Counter("ferry_gateway_client_disconnects", "Requests aborted because the client left",
                                registry=r)
+        self.slo_requests = Counter("ferry_gateway_slo_requests",
+                                    "Successfully finished generation requests by whether they met the SLO",
+                                    ["slo", "result"], registry=r)
+        self.slo_target = Gauge("ferry_gateway_slo_target_seconds", "Latency objective of each SLO",
+                                ["slo"], registry=r)
+        self.slo_target.labels("ttft").set(self.slo.ttft_s)
+        self.slo_target.labels("tpot").set(self.slo.tpot_s)
+        for name in ("ttft", "tpot", "all"):      # every series exists from the start (rates need a 0)
+            for result in ("met", "missed"):
+                self.slo_requests.labels(name, result)
+
+    def observe_slo(self, ttft_s: float, tpot_s: float | None) -> None:
+        """Judge one successfully finished request (`tpot_s` None: at most one output token)."""
+        ttft_met = ttft_s <= self.slo.ttft_s
+        tpot_met = tpot_s is None or tpot_s <= self.slo.tpot_s
+        for slo, met in (("ttft", ttft_met), ("tpot", tpot_met), ("all", ttft_met and tpot_met)):
+            self.slo_requests.labels(slo, "met" if met else "missed").inc()
