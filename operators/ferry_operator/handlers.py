@@ -193,15 +193,18 @@ async def _reconcile_once(ref: ClusterRef, logger: logging.Logger, now: float) -
                             kube.pdb_api_version)
     objects = await asyncio.to_thread(kube.observe, ref)
     scheduler = RUNTIME.scheduler(ref)
+    recommendations: dict[str, int] = {}
     try:
         instances = await scheduler.list_instances()
+        if spec.scheduler.autoscaling.enabled:
+            recommendations = await scheduler.recommendations()
     except SchedulerUnavailable as e:
         log.debug("%s/%s: %s", ref.namespace, ref.name, e)
         instances = None
     plan = reconcile(Observed(
         spec=spec, generation=generation, desired=render(ref, spec, options), existing=objects.existing,
         deployments=objects.deployments, pods=objects.pods, instances=instances, status=status, now=now,
-        poll_seconds=settings.drain_poll_seconds))
+        poll_seconds=settings.drain_poll_seconds, recommendations=recommendations))
     await execute(ref, plan, status, scheduler, logger)
     if instances is not None:
         await _send_notices(pending_notices([p for pool in POOLS for p in objects.pods.get(pool, ())],

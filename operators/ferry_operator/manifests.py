@@ -106,7 +106,43 @@ def config_data(ref: ClusterRef, spec: ClusterSpec) -> dict[str, str]:
     }
     if s.migration_policies:
         data["FERRY_SCHEDULER_MIGRATION_POLICIES"] = ",".join(s.migration_policies)
+    data.update(slo_data(spec))
+    if s.autoscaling.enabled:
+        data.update(autoscaling_data(ref, spec))
     return {k: str(v) for k, v in data.items()}
+
+
+def slo_data(spec: ClusterSpec) -> dict:
+    """The SLO, the same for the gateway (its attainment metrics) and the scheduler (the autoscaler), and
+    the power budget the scheduler exports."""
+    s = spec.scheduler
+    return {"FERRY_GATEWAY_SLO_TTFT_MS": s.ttft_ms, "FERRY_GATEWAY_SLO_TPOT_MS": s.tpot_ms,
+            "FERRY_SCHEDULER_SLO_TTFT_MS": s.ttft_ms, "FERRY_SCHEDULER_SLO_TPOT_MS": s.tpot_ms,
+            "FERRY_SCHEDULER_POWER_BUDGET_WATTS": spec.power_budget_watts}
+
+
+def autoscaling_data(ref: ClusterRef, spec: ClusterSpec) -> dict:
+    """The scheduler's autoscaler settings: bounds are the pools' (the operator clamps again), the
+    goodput model is the workers' sim profile, the counters come from Prometheus scoped to this cluster
+    (the ServiceMonitor/PodMonitor labels) or from the gateway's /metrics."""
+    a = spec.scheduler.autoscaling
+    data = {"FERRY_SCHEDULER_AUTOSCALE_INTERVAL_S": a.interval_s, "FERRY_SCHEDULER_AUTOSCALE_WINDOW_S": a.window_s,
+            "FERRY_SCHEDULER_AUTOSCALE_ATTAINMENT_TARGET": a.attainment_target,
+            "FERRY_SCHEDULER_AUTOSCALE_HEADROOM": a.headroom,
+            "FERRY_SCHEDULER_AUTOSCALE_SCALE_UP_AFTER_S": a.scale_up_after_s,
+            "FERRY_SCHEDULER_AUTOSCALE_SCALE_DOWN_AFTER_S": a.scale_down_after_s,
+            "FERRY_SCHEDULER_AUTOSCALE_PROFILE": spec.model.sim_profile,
+            "FERRY_SCHEDULER_AUTOSCALE_MAX_NUM_SEQS": spec.decode.max_num_seqs}
+    for pool in POOLS:
+        bounds = spec.pool(pool)
+        data[f"FERRY_SCHEDULER_AUTOSCALE_{pool.upper()}_REPLICAS"] = f"{bounds.min_replicas}:{bounds.max_replicas}"
+    if a.prometheus_url:
+        data["FERRY_SCHEDULER_PROMETHEUS_URL"] = a.prometheus_url
+        data["FERRY_SCHEDULER_PROMETHEUS_SELECTOR"] = f'namespace="{ref.namespace}",ferry_cluster="{ref.name}"'
+    else:
+        data["FERRY_SCHEDULER_GATEWAY_METRICS_URLS"] = (f"http://{ref.object_name('gateway')}.{ref.namespace}.svc:"
+                                                         f"{GATEWAY_HTTP_PORT}/metrics")
+    return data
 
 
 def config_map(ref: ClusterRef, spec: ClusterSpec) -> dict:

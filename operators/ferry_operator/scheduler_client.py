@@ -1,6 +1,7 @@
 """The operator's calls to a cluster's scheduler (grpc.aio), each with an explicit deadline.
 
     list_instances()                      → {instance id: InstanceLoad}
+    recommendations()                     → {pool: desired replicas} (empty until the autoscaler decided)
     drain(instance_id, cancel=False)      → requests on it when the drain began; None if it is gone
     notify_preemption(id, deadline, source) → same as drain
 
@@ -43,6 +44,14 @@ class SchedulerClient:
         except grpc.aio.AioRpcError as e:
             raise self._error("ListInstances", e) from None
         return {s.instance.instance_id: instance_load(s) for s in reply.instances}
+
+    async def recommendations(self) -> dict[str, int]:
+        try:
+            reply = await self._stub.GetScaleRecommendations(scheduler_pb2.ScaleRecommendationsRequest(),
+                                                             timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise self._error("GetScaleRecommendations", e) from None
+        return {p.pool: p.desired for p in reply.pools}
 
     async def drain(self, instance_id: str, cancel: bool = False) -> int | None:
         request = scheduler_pb2.DrainInstanceRequest(instance_id=instance_id, cancel=cancel)

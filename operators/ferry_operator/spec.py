@@ -49,6 +49,19 @@ class GatewaySpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoscalingSpec:
+    """spec.scheduler.autoscaling: the scheduler recommends pool sizes within each pool's min/maxReplicas."""
+    enabled: bool = False
+    interval_s: float = 15.0
+    window_s: float = 60.0
+    prometheus_url: str = ""          # "" = the scheduler scrapes the gateway itself
+    attainment_target: float = 0.95
+    headroom: float = 1.2
+    scale_up_after_s: float = 30.0
+    scale_down_after_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class SchedulerSpec:
     routing: str = "ferry"
     migration_enabled: bool = True
@@ -58,6 +71,7 @@ class SchedulerSpec:
     tpot_ms: float = 100.0
     redis_url: str = ""
     resources: Mapping[str, Any] | None = None
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +206,22 @@ def _scheduler(f: _Fields) -> SchedulerSpec:
                          migration_interval_s=migration.number("intervalSeconds", 0.5, low=0.05),
                          migration_policies=policies, ttft_ms=slo.number("ttftMilliseconds", 2000.0, low=1),
                          tpot_ms=slo.number("tpotMilliseconds", 100.0, low=1), redis_url=f.text("redisURL", ""),
-                         resources=f.mapping("resources"))
+                         resources=f.mapping("resources"), autoscaling=_autoscaling(f.obj("autoscaling")))
+
+
+def _autoscaling(f: _Fields) -> AutoscalingSpec:
+    spec = AutoscalingSpec(
+        enabled=f.flag("enabled", False), interval_s=f.number("intervalSeconds", 15.0, low=1),
+        window_s=f.number("windowSeconds", 60.0, low=1), prometheus_url=f.text("prometheusURL", ""),
+        attainment_target=f.number("sloAttainmentTarget", 0.95, low=0.01, high=1),
+        headroom=f.number("headroom", 1.2, low=1), scale_up_after_s=f.number("scaleUpAfterSeconds", 30.0, low=0),
+        scale_down_after_s=f.number("scaleDownAfterSeconds", 300.0, low=0))
+    if spec.window_s < spec.interval_s:
+        raise ValueError(f"{f.path}.windowSeconds {spec.window_s} must cover at least one intervalSeconds "
+                         f"({spec.interval_s})")
+    if spec.prometheus_url and not spec.prometheus_url.startswith(("http://", "https://")):
+        raise ValueError(f"{f.path}.prometheusURL {spec.prometheus_url!r} must start with http:// or https://")
+    return spec
 
 
 def _pool(f: _Fields) -> PoolSpec:
@@ -221,6 +250,15 @@ def parse_spec(spec: Mapping[str, Any] | None) -> ClusterSpec:
     if not f.data.get("model"):
         raise ValueError("spec.model is required: at least {name: <served model name>}")
     gateway, kvstore, pools = f.obj("gateway"), f.obj("kvstore"), f.obj("pools")
+    cluster = _cluster(f, gateway, kvstore, pools)
+    autoscaling = cluster.scheduler.autoscaling
+    if autoscaling.enabled and not autoscaling.prometheus_url and cluster.gateway.replicas > 1:
+        raise ValueError("spec.scheduler.autoscaling: with gateway.replicas > 1 set prometheusURL (the scheduler's "
+                         "built-in scraper reads one gateway through its Service, not each replica)")
+    return cluster
+
+
+def _cluster(f: _Fields, gateway: _Fields, kvstore: _Fields, pools: _Fields) -> ClusterSpec:
     return ClusterSpec(
         model=_model(f.obj("model")), images=_images(f.obj("images")),
         gateway=GatewaySpec(replicas=gateway.number("replicas", 1, low=1, integer=True),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import logging
 import os
 import shutil
 import signal
@@ -30,8 +31,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import grpc
+
+from services.platforms.local_scaler import LocalScaler
 
 ROOT = Path(__file__).resolve().parents[2]
 # glibc malloc settings for the children: large KV buffers reuse memory instead of being mmapped and
@@ -75,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "migration-interval-s=0 (no live migration), migration-load-balance-gap=16, "
                         "metrics-port=9100 (its Prometheus /metrics). "
                         f"{', '.join(SCHEDULER_OWNED)} are set by ferry up")
+    p.add_argument("--autoscale", action="store_true",
+                   help="let the scheduler size the prefill and decode pools from SLO attainment, queues and KV "
+                        "use (starting from --prefill/--decode); scale-in drains first. More knobs: "
+                        "--scheduler-arg autoscale-...=")
+    p.add_argument("--max-prefill", type=int, default=4, metavar="N", help="--autoscale: prefill workers at most")
+    p.add_argument("--max-decode", type=int, default=4, metavar="M", help="--autoscale: decode workers at most")
+    p.add_argument("--autoscale-interval", type=float, default=2.0, metavar="S",
+                   help="--autoscale: seconds between the scheduler's decisions (and this platform's checks)")
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="time-to-first-token SLO (gateway metrics, "
+                   "autoscaling)")
+    p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="time-per-output-token SLO (gateway metrics, "
+                   "autoscaling)")
     p.add_argument("--log-dir", type=Path, default=None, help="process logs (default: a temporary folder)")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for the stack")
     return p
@@ -172,8 +190,34 @@ class StartupError(RuntimeError):
         super().__init__(f"{name} {what}; last lines of {log}:\n  " + "\n  ".join(tail))
 
 
-def launch(args: argparse.Namespace, stack: Stack) -> str:
-    """Start every process; returns the gateway URL once a request can be served."""
+@dataclass
+class WorkerLauncher:
+    """Starts worker processes of a pool (prefill | decode | worker, the colocated one) with the stack's
+    common flags, named pool-0, pool-1, ... in start order."""
+    stack: Stack
+    common: list[str]
+    started: Counter = field(default_factory=Counter)
+
+    def start(self, pool: str) -> tuple[str, int]:
+        """Start one (without waiting for it); returns its process name and gRPC port."""
+        port = free_port(self.stack.host)
+        service, extra = ("decode", ["--role", "both"]) if pool == "worker" else (pool, [])
+        name = f"{pool}-{self.started[pool]}"
+        self.started[pool] += 1
+        self.stack.serve(name, service, [*self.common, *extra, "--port", str(port)], port=None)
+        return name, port
+
+
+@dataclass
+class Launched:
+    url: str                                            # the gateway
+    scheduler_address: str
+    launcher: WorkerLauncher
+    workers: dict[str, list[tuple[str, int]]]           # pool -> (process name, gRPC port)
+
+
+def launch(args: argparse.Namespace, stack: Stack) -> Launched:
+    """Start every process; returns once a request can be served."""
     h = args.host
     scheduler_port, kvstore_port = free_port(h), free_port(h)
     scheduler_args = ["--host", h, "--port", str(scheduler_port)]
@@ -183,7 +227,15 @@ def launch(args: argparse.Namespace, stack: Stack) -> str:
         stack.start("redis", [redis, "--port", str(redis_port), "--bind", h, "--save", "", "--appendonly", "no"],
                     redis_port, 30)
         scheduler_args += ["--redis-url", f"redis://{h}:{redis_port}/0"]
-    scheduler_args += scheduler_flags(args.scheduler_arg)
+    scheduler_args += ["--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms)]
+    if args.autoscale:
+        profile = args.sim_profile if args.engine == "sim" else "smollm2-135m-cpu"
+        scheduler_args += ["--autoscale-interval-s", str(args.autoscale_interval),
+                           "--gateway-metrics-urls", f"http://{h}:{args.port}/metrics",
+                           "--autoscale-profile", profile,
+                           "--autoscale-prefill-replicas", f"1:{args.max_prefill}",
+                           "--autoscale-decode-replicas", f"1:{args.max_decode}"]
+    scheduler_args += scheduler_flags(args.scheduler_arg)      # last: the user's --scheduler-arg wins
     stack.serve("scheduler", "scheduler", scheduler_args, scheduler_port)
     worker_common = ["--model", args.model, "--host", h, "--scheduler-address", f"{h}:{scheduler_port}",
                      "--device", args.device, "--dtype", args.dtype,
@@ -192,34 +244,28 @@ def launch(args: argparse.Namespace, stack: Stack) -> str:
         stack.serve("kvstore", "kvstore", ["--host", h, "--port", str(kvstore_port),
                                            "--capacity-gb", str(args.kvstore_capacity_gb)], kvstore_port)
         worker_common += ["--kvstore-address", f"{h}:{kvstore_port}"]
-    roles = [("worker", "both", args.decode)] if args.colocated else [
-        ("prefill", "prefill", args.prefill), ("decode", "decode", args.decode)]
+    pools = {"worker": args.decode} if args.colocated else {"prefill": args.prefill, "decode": args.decode}
     if args.engine == "sim":
         worker_common += ["--engine", "sim", "--sim-profile", args.sim_profile,
                           "--sim-num-blocks", str(args.sim_num_blocks), "--cpu-threads", str(args.cpu_threads or 1)]
     elif args.device == "cpu":                 # share the cores instead of oversubscribing them
-        num_workers = sum(count for _, _, count in roles)
-        threads = args.cpu_threads or max(1, (os.cpu_count() or 1) // num_workers)
+        threads = args.cpu_threads or max(1, (os.cpu_count() or 1) // sum(pools.values()))
         worker_common += ["--cpu-threads", str(threads)]
-    workers = []
-    for name, role, count in roles:
-        for i in range(count):
-            port = free_port(h)
-            service = "decode" if role == "both" else role
-            extra = ["--role", "both"] if role == "both" else []
-            stack.serve(f"{name}-{i}", service, [*worker_common, *extra, "--port", str(port)], port=None)
-            workers.append((f"{name}-{i}", port))
-    for name, port in workers:                 # they load the model in parallel
+    launcher = WorkerLauncher(stack, worker_common)
+    workers = {pool: [launcher.start(pool) for _ in range(count)] for pool, count in pools.items()}
+    for name, port in (w for ws in workers.values() for w in ws):     # they load the model in parallel
         stack.wait_port(name, dict(stack.procs)[name], port, args.ready_timeout)
     stack.serve("gateway", "gateway", ["--model", args.model, "--host", h, "--port", str(args.port),
                                        "--sink-port", str(free_port(h)),
-                                       "--scheduler-address", f"{h}:{scheduler_port}"], args.port)
+                                       "--scheduler-address", f"{h}:{scheduler_port}",
+                                       "--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms)],
+                args.port)
     url = f"http://{h}:{args.port}"
-    wait_models(url, stack, len(workers), args.ready_timeout)
-    return url
+    wait_models(url, stack, args.ready_timeout)
+    return Launched(url, f"{h}:{scheduler_port}", launcher, workers)
 
 
-def wait_models(url: str, stack: Stack, num_workers: int, timeout: float) -> None:
+def wait_models(url: str, stack: Stack, timeout: float) -> None:
     """Until the gateway lists a model (the workers registered and heartbeat)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -243,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.prefill < 1 or args.decode < 1:
         print("ferry up: --prefill and --decode must be >= 1", file=sys.stderr)
         return 2
+    if args.autoscale and args.colocated:
+        print("ferry up: --autoscale sizes the prefill and decode pools; it does not apply to --colocated",
+              file=sys.stderr)
+        return 2
+    if args.max_prefill < args.prefill or args.max_decode < args.decode:
+        print("ferry up: --max-prefill/--max-decode must be >= --prefill/--decode", file=sys.stderr)
+        return 2
     if args.sim_num_blocks < 0:
         print("ferry up: --sim-num-blocks must be >= 0", file=sys.stderr)
         return 2
@@ -251,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"ferry up: {e}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s ferry up: %(message)s", stream=sys.stderr)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="ferry-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(args.host, log_dir)
@@ -258,19 +312,31 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        url = launch(args, stack)
+        launched = launch(args, stack)
+        url = launched.url
         model = Path(args.model).name
         mode = "colocated" if args.colocated else f"{args.prefill} prefill + {args.decode} decode"
         if args.engine == "sim":
             mode += f", sim engine {args.sim_profile}"
+        if args.autoscale:
+            mode += f", autoscaling up to {args.max_prefill} prefill + {args.max_decode} decode"
         print(f"Ferry is serving {model} ({mode}) at {url}  (logs: {log_dir})\n\n"
               f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"What is the capital of France?\"}}], \"max_tokens\": 32}}'\n\n"
               "Press Ctrl-C to stop.", flush=True)
+        scaler = LocalScaler(stack, launched.launcher, launched.scheduler_address, launched.workers) \
+            if args.autoscale else None
+        next_scale = time.monotonic()
         while True:
             stack.check_alive()
-            time.sleep(0.5)
+            if scaler is not None and time.monotonic() >= next_scale:
+                try:
+                    scaler.tick()
+                except grpc.RpcError as e:          # the scheduler restarts: try again next time
+                    logging.getLogger("ferry.up").warning("autoscale: scheduler: %s", e.details() or e.code())
+                next_scale = time.monotonic() + args.autoscale_interval
+            time.sleep(0.2)
     except StartupError as e:
         print(f"ferry up: {e}", file=sys.stderr)
         return 1

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from services.common.cluster import ClusterSnapshot, Role
 from services.engine.sim_profile import SimProfile
 from services.scheduler.metrics import SchedulerMetrics
-from services.scheduler.policies.autoscale import AutoscaleConfig, AutoscaleState, PoolSignals, ScaleDecision, decide
+from services.scheduler.policies.autoscale import (
+    AutoscaleConfig,
+    AutoscaleState,
+    PoolSignals,
+    ScaleDecision,
+    decide,
+)
 from services.scheduler.policies.capacity import EngineShape, Workload, decode_goodput, prefill_goodput
 from services.scheduler.registry import Registry
 from services.scheduler.telemetry import CounterWindow, TelemetryError

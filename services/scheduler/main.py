@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from services.common.grpc_util import aio_server, bind
 from services.common.lifecycle import run_service
 from services.common.settings import parse_settings, setting
-from services.gen.ferry.v1 import scheduler_pb2_grpc
 from services.engine.sim_profile import SimProfile
+from services.gen.ferry.v1 import scheduler_pb2_grpc
 from services.scheduler.autoscaler import Autoscaler, Slo
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.migrator import Migrator

@@ -24,8 +24,8 @@ import grpc
 from services.common.cluster import NoRoute, Route, RouteRequest
 from services.gen.ferry.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler import convert
-from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.autoscaler import Autoscaler
+from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.migrator import Migrator
 from services.scheduler.persistence import RedisPersistence
 from services.scheduler.policies.routing import RoutingPolicy, decide, record_route

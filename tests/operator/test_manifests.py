@@ -129,8 +129,12 @@ def test_worker_and_gateway_env():
     assert env("gateway")["FERRY_GATEWAY_SINK_ADVERTISE_ADDRESS"] == "$(POD_IP):50070"
 
 
-def test_config_map_names_real_settings_with_in_cluster_addresses():
-    data = objects()[("ConfigMap", "demo-config")]["data"]
+AUTOSCALED = {**SPEC, "scheduler": {"autoscaling": {"enabled": True}}}
+
+
+@pytest.mark.parametrize("spec", [SPEC, AUTOSCALED], ids=["static", "autoscaled"])
+def test_config_map_names_real_settings_with_in_cluster_addresses(spec):
+    data = objects(spec)[("ConfigMap", "demo-config")]["data"]
     fields = {"FERRY_SCHEDULER_": SchedulerSettings, "FERRY_KVSTORE_": KVStoreSettings,
               "FERRY_GATEWAY_": GatewaySettings, "FERRY_WORKER_": WorkerSettings}
     for key in data:
@@ -236,3 +240,19 @@ def test_a_config_change_rolls_every_pod_template():
                 for k, o in objects(spec).items() if k[0] == "Deployment"}
     before, after = config_hashes(SPEC), config_hashes({**SPEC, "scheduler": {"routing": "round_robin"}})
     assert len(set(before.values())) == 1 and all(after[k] != before[k] for k in before)
+
+
+def test_autoscaling_settings_reach_the_scheduler_with_the_pools_bounds():
+    static = objects()[("ConfigMap", "demo-config")]["data"]
+    assert "FERRY_SCHEDULER_AUTOSCALE_INTERVAL_S" not in static            # off by default
+    assert static["FERRY_GATEWAY_SLO_TTFT_MS"] == static["FERRY_SCHEDULER_SLO_TTFT_MS"] == "2000.0"
+    data = objects(AUTOSCALED)[("ConfigMap", "demo-config")]["data"]
+    assert data["FERRY_SCHEDULER_AUTOSCALE_INTERVAL_S"] == "15.0"
+    assert data["FERRY_SCHEDULER_AUTOSCALE_DECODE_REPLICAS"] == "0:16"
+    assert data["FERRY_SCHEDULER_AUTOSCALE_PROFILE"] == "llama3-8b-h100"
+    assert data["FERRY_SCHEDULER_GATEWAY_METRICS_URLS"] == "http://demo-gateway.serving.svc:8000/metrics"
+    prom = {**SPEC, "scheduler": {"autoscaling": {"enabled": True, "prometheusURL": "http://prom:9090"}}}
+    data = objects(prom)[("ConfigMap", "demo-config")]["data"]
+    assert data["FERRY_SCHEDULER_PROMETHEUS_URL"] == "http://prom:9090"
+    assert data["FERRY_SCHEDULER_PROMETHEUS_SELECTOR"] == 'namespace="serving",ferry_cluster="demo"'
+    assert "FERRY_SCHEDULER_GATEWAY_METRICS_URLS" not in data

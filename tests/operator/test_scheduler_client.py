@@ -20,7 +20,8 @@ def scheduler(tmp_path_factory):
     """address of a scheduler (live migration on) that one sim decode worker has registered with."""
     logs = tmp_path_factory.mktemp("scheduler-client")
     port, worker_port = free_port(), free_port()
-    sched = start(["serve", "scheduler", "--port", str(port)], log=logs / "scheduler.log")
+    sched = start(["serve", "scheduler", "--port", str(port), "--autoscale-interval-s", "0.2",
+                   "--autoscale-decode-replicas", "2:4"], log=logs / "scheduler.log")
     worker = None
     try:
         wait_for_port(port, sched)
@@ -56,6 +57,16 @@ async def test_list_instances_then_drain_and_cancel(client):
     assert (await client.list_instances())[WORKER].is_draining
     assert await client.drain(WORKER, cancel=True) == 0
     assert not (await client.list_instances())[WORKER].is_draining
+
+
+async def test_recommendations_are_the_autoscalers_desired_replicas(client):
+    await registered(client)
+    # No gateway to read: no demand data, so each pool is held at its size within the bounds (decode 1 -> 2).
+    for _ in range(50):
+        if await client.recommendations() == {"prefill": 1, "decode": 2}:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"recommendations: {await client.recommendations()}")
 
 
 async def test_unknown_instance_is_none_not_an_error(client):

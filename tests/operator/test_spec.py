@@ -85,3 +85,20 @@ def test_invalid_specs_say_what_to_fix(spec, message):
     with pytest.raises(ValueError, match=None) as info:
         parse_spec(spec)
     assert message in str(info.value)
+
+
+def test_autoscaling_is_read_from_its_camel_case_names_and_checked():
+    spec = parse_spec({**MINIMAL, "scheduler": {"autoscaling": {
+        "enabled": True, "intervalSeconds": 5, "windowSeconds": 30, "prometheusURL": "http://prom:9090",
+        "sloAttainmentTarget": 0.9, "headroom": 1.5, "scaleUpAfterSeconds": 10, "scaleDownAfterSeconds": 60}}})
+    a = spec.scheduler.autoscaling
+    assert (a.enabled, a.interval_s, a.window_s, a.prometheus_url, a.attainment_target, a.headroom,
+            a.scale_up_after_s, a.scale_down_after_s) == (True, 5, 30, "http://prom:9090", 0.9, 1.5, 10, 60)
+    assert not parse_spec(MINIMAL).scheduler.autoscaling.enabled
+    for bad, message in (({"windowSeconds": 5, "intervalSeconds": 10}, "windowSeconds 5"),
+                         ({"prometheusURL": "prom:9090"}, "must start with http"),
+                         ({"headroom": 0.5}, "headroom")):
+        with pytest.raises(ValueError, match=message):
+            parse_spec({**MINIMAL, "scheduler": {"autoscaling": {"enabled": True, **bad}}})
+    with pytest.raises(ValueError, match="set prometheusURL"):
+        parse_spec({**MINIMAL, "gateway": {"replicas": 2}, "scheduler": {"autoscaling": {"enabled": True}}})

@@ -6,7 +6,13 @@ import pytest
 from services.common.cluster import ClusterSnapshot, InstanceSpec, InstanceState, Role, WorkerLoad
 from services.engine.sim_profile import SimProfile
 from services.scheduler.autoscaler import Slo, pool_loads, pool_signals
-from services.scheduler.policies.autoscale import AutoscaleConfig, AutoscaleState, PoolBounds, PoolSignals, decide
+from services.scheduler.policies.autoscale import (
+    AutoscaleConfig,
+    AutoscaleState,
+    PoolBounds,
+    PoolSignals,
+    decide,
+)
 from services.scheduler.policies.capacity import (
     EngineShape,
     Workload,
@@ -77,8 +83,8 @@ def test_autoscale_without_data_changes_nothing():
     assert (d.target, d.desired, d.reason) == (3, 3, "steady")
 
 
-@pytest.mark.parametrize("kwargs", [dict(attainment_target=0), dict(headroom=0.5), dict(max_step_down=0),
-                                    dict(scale_up_after_s=-1), dict(kv_utilization_high=1.5)])
+@pytest.mark.parametrize("kwargs", [{"attainment_target": 0}, {"headroom": 0.5}, {"max_step_down": 0},
+                                    {"scale_up_after_s": -1}, {"kv_utilization_high": 1.5}])
 def test_autoscale_config_refuses_nonsense(kwargs):
     with pytest.raises(ValueError):
         AutoscaleConfig(**kwargs)
@@ -157,3 +163,14 @@ def test_autoscale_signals_from_counters_and_registry_load():
     quiet = pool_signals(dict.fromkeys(increase, 0.0), 30.0, [loads], H100, Slo(1.0, 0.05), 256)
     assert quiet["decode"].demand_rps is None            # requests run but none finished: no demand data
     assert quiet["decode"].slo_attainment is None and quiet["decode"].capacity_rps is None
+
+
+def test_autoscale_recommendation_holds_while_the_new_replicas_start():
+    config = AutoscaleConfig(decode=PoolBounds(1, 10), scale_up_after_s=0, scale_down_after_s=0)
+    state = AutoscaleState()
+    missing = {"decode": PoolSignals(replicas=2, slo_attainment=0.5)}       # SLO missed: one more
+    for _ in range(3):           # the third replica has not registered yet: still 3, not 4, not back to 2
+        decisions, state = decide(config, missing, state, 0.0)
+        assert (decisions[0].current, decisions[0].desired) == (2, 3)
+    decisions, state = decide(config, {"decode": PoolSignals(replicas=3, slo_attainment=0.5)}, state, 1.0)
+    assert decisions[0].desired == 4                                          # up, and still missing

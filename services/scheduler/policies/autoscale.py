@@ -14,12 +14,13 @@ removes, so scale-in loses nothing). Bounds clamp last.
 
     decide(config, signals, state, now) -> (decisions, state)
 
-`AutoscaleState` carries the hysteresis timers between calls; the caller keeps it and passes it back.
+`AutoscaleState` carries the recommendation and the hysteresis timers between calls; the caller keeps
+it and passes it back. A recommendation is an absolute size that includes replicas still starting.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 POOLS = ("prefill", "decode")
 
@@ -83,38 +84,42 @@ class ScaleDecision:
     pool: str
     current: int
     target: int           # what the signals ask for now (after bounds)
-    desired: int          # what to run: target once its hysteresis held, else current
+    desired: int          # what to run: the target once its hysteresis held, else the previous recommendation
     reason: str           # demand | slo | queue | kv | idle | bounds | steady
 
 
 @dataclass(frozen=True, slots=True)
 class AutoscaleState:
-    """Per pool: (direction of the pending change, since when) — the hysteresis timers."""
+    """Between calls: the size recommended per pool, and the hysteresis timer of a pending change
+    (direction, since when)."""
+    desired: dict[str, int] = field(default_factory=dict)
     pending: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 def decide(config: AutoscaleConfig, signals: dict[str, PoolSignals], state: AutoscaleState,
            now: float) -> tuple[list[ScaleDecision], AutoscaleState]:
-    decisions, pending = [], dict(state.pending)
+    """Targets are compared with the size recommended before, not with the instances registered now: a
+    replica the platform is still starting counts as there, so a recommendation is never taken back
+    just because the instance it asked for has not come up yet."""
+    decisions, pending, recommended = [], dict(state.pending), dict(state.desired)
     for pool in POOLS:
         if pool not in signals:
             continue
         s = signals[pool]
+        desired = config.bounds(pool).clamp(recommended.get(pool, s.replicas))
         target, reason = pool_target(config, pool, s)
-        direction = (target > s.replicas) - (target < s.replicas)
+        direction = (target > desired) - (target < desired)
         if direction == 0:
             pending.pop(pool, None)
-            decisions.append(ScaleDecision(pool, s.replicas, target, s.replicas, reason))
-            continue
-        since = pending[pool][1] if pending.get(pool, (0, 0.0))[0] == direction else now
-        pending[pool] = (direction, since)
-        wait = config.scale_up_after_s if direction > 0 else config.scale_down_after_s
-        desired = s.replicas
-        if now - since >= wait:
-            desired = target if direction > 0 else max(target, s.replicas - config.max_step_down)
-            pending.pop(pool)
+        else:
+            since = pending[pool][1] if pending.get(pool, (0, 0.0))[0] == direction else now
+            pending[pool] = (direction, since)
+            if now - since >= (config.scale_up_after_s if direction > 0 else config.scale_down_after_s):
+                desired = target if direction > 0 else max(target, desired - config.max_step_down)
+                pending.pop(pool)
+        recommended[pool] = desired
         decisions.append(ScaleDecision(pool, s.replicas, target, desired, reason))
-    return decisions, replace(state, pending=pending)
+    return decisions, AutoscaleState(desired=recommended, pending=pending)
 
 
 def pool_target(config: AutoscaleConfig, pool: str, s: PoolSignals) -> tuple[int, str]:
