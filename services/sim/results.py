@@ -5,7 +5,8 @@ and definitions, plus what only a simulator can count over a whole cluster.
     e2el   completion − arrival                     goodput  requests/s meeting every SLO (DistServe)
     gpu_hours, energy_kwh, energy_per_token_j, cost_usd   per pool and in total
     migrations {reason: {outcome: n}}, preemptions (KV, recomputed), spot {notices, instances_killed,
-    requests_rerouted}, prefix hit rates (trace blocks)
+    requests_rerouted}, autoscale {decisions, instances added / drained / reclaimed / removed},
+    peak_replicas per pool, prefix hit rates (trace blocks)
 
 ITL is not reported: the simulator advances a request's tokens in steps it does not record one by
 one; its per-request mean is TPOT.
@@ -64,6 +65,10 @@ def summarize(out: Outcome) -> dict:
         "migrated_requests": int(np.count_nonzero(out.num_migrations)),
         "preemptions": int(out.num_preemptions.sum()),
         "spot": {k: out.spot.get(k, 0) for k in ("notices", "instances_killed", "requests_rerouted")},
+        "autoscale": {k: out.autoscale.get(k, 0) for k in ("decisions", "instances_added", "instances_drained",
+                                                           "instances_reclaimed", "instances_removed")},
+        "autoscale_decisions": out.autoscale.get("decisions", 0) if spec.autoscale.enabled else None,
+        "peak_replicas": {p.name: int(out.series[f"replicas_{p.name}"].max(initial=0)) for p in spec.pools},
         "prefix_blocks": dict(out.prefix_blocks),
         "prefix_hit_rate": _rate(out.prefix_blocks, "local_hit"),
         "prefix_hit_rate_with_kvstore": _rate(out.prefix_blocks, "local_hit", "kvstore_hit"),
@@ -81,7 +86,7 @@ ROWS = (("Successful requests", "completed", "{:,}"), ("Failed requests", "faile
         ("P99 E2E (ms)", "p99_e2el_ms", "{:.0f}"), ("GPU-hours", "gpu_hours_total", "{:,.2f}"),
         ("Energy (kWh)", "energy_kwh", "{:,.2f}"), ("Energy per output token (J)", "energy_per_token_j", "{:.2f}"),
         ("Cost (USD)", "cost_usd", "{:,.2f}"), ("Migrated requests", "migrated_requests", "{:,}"),
-        ("Preemptions", "preemptions", "{:,}"), ("Prefix hit rate (local)", "prefix_hit_rate", "{:.3f}"),
+        ("Preemptions", "preemptions", "{:,}"), ("Autoscaler decisions", "autoscale_decisions", "{:,}"), ("Prefix hit rate (local)", "prefix_hit_rate", "{:.3f}"),
         ("Prefix hit rate (+ kvstore)", "prefix_hit_rate_with_kvstore", "{:.3f}"))
 
 

@@ -5,6 +5,8 @@ cluster through heartbeats too) and is vectorized over instances and requests; i
 time is exact to the model, not rounded to the tick. Each tick, in this order:
 
     spot events        notices mark instances draining; deadlines kill them (their requests re-route)
+    autoscaling        every autoscale interval: policies.autoscale.decide on the pools' signals; adds
+                       instances or drains the least-loaded ones, which leave once empty (autoscaler.py)
     heartbeat          every heartbeat interval: the instances' load as InstanceTable columns
     migration          every migration interval: policies.migration.plan_migrations, the live code
     routing            arrivals in [t0, t1), in order, through policies.routing.decide_many: the live
@@ -47,6 +49,7 @@ from services.scheduler.policies.instance_table import InstanceTable
 from services.scheduler.policies.migration import MigrationConfig, plan_migrations
 from services.scheduler.policies.routing import decide_many, why_no_route
 from services.scheduler.prefix_index import PrefixIndex
+from services.sim.autoscaler import Autoscaler
 from services.sim.columns import Columns
 from services.sim.fifo import serve_fifo
 from services.sim.prefix_cache import BlockLru
@@ -56,6 +59,15 @@ from services.sim.traces import Trace
 PENDING, DONE, FAILED = 0, 1, 2
 SAMPLE_S = 1.0                      # time-series resolution
 MAX_DRAIN_S = 6 * 3600.0            # virtual time allowed after the last arrival before giving up
+# Per-instance state, one array each, grown together as instances are added: (dtype, initial value).
+INSTANCE_COLUMNS = {
+    "alive": (bool, False), "draining": (bool, False), "up_at": (np.float64, 0.0), "down_at": (np.float64, math.inf),
+    "can_prefill": (bool, False), "can_decode": (bool, False), "is_both": (bool, False),
+    "dec_steps": (np.float64, 0.0), "dec_n": (np.int64, 0), "dec_base": (np.float64, 0.0),
+    "drate": (np.float64, 0.0), "prate": (np.float64, 0.0),           # decode steps/s, prompt tokens/s
+    "step_tokens": (np.float64, 0.0), "step_left": (np.float64, 0.0),  # prompt tokens of the step in progress
+    "pool_index": (np.int64, 0),
+}
 
 
 @dataclass
@@ -71,6 +83,7 @@ class Outcome:
     failures: Counter
     migrations: Counter             # (reason, outcome) -> count
     spot: Counter                   # notices, instances killed, requests re-routed after a kill
+    autoscale: Counter              # decisions, instances added / drained / reclaimed / removed
     prefix_blocks: dict[str, int]   # prompt / local_hit / kvstore_hit blocks (trace-block granularity)
     gpu_seconds: dict[str, float]   # per pool
     energy_j: dict[str, float]      # per pool
@@ -97,29 +110,38 @@ class Simulator:
         spec = self.spec
         self.ids: list[str] = []
         self.pool_of: list[Pool] = []
+        for name, (dtype, initial) in INSTANCE_COLUMNS.items():
+            setattr(self, name, np.full(0, initial, dtype))
         for pool in spec.pools:
-            for _ in range(pool.replicas):
-                self._add_instance(pool)
-        capacity = len(self.ids) + sum(e.replicas for e in spec.spot if e.add)
-        z = lambda dtype=np.float64: np.zeros(capacity, dtype=dtype)
-        self.alive, self.draining = z(bool), z(bool)
-        self.up_at, self.down_at = z(), np.full(capacity, math.inf)
-        self.can_prefill, self.can_decode, self.is_both = z(bool), z(bool), z(bool)
-        self.dec_steps, self.dec_n, self.dec_base = z(), z(np.int64), z()
-        self.drate, self.prate = z(), z()         # decode steps/s and prompt tokens/s of each instance
-        self.step_tokens, self.step_left = z(), z()     # prompt tokens of the step in progress, and left of it
-        self.pool_index = z(np.int64)
-        for i in range(len(self.ids)):
-            self._activate(i, at=0.0)
+            self.add_instances(pool, pool.replicas, serving_at=0.0)
         self.caches = {}
         self._last_table, self._last_rows = None, None
         self.kvstore = BlockLru(spec.kvstore_blocks) if spec.kvstore_blocks > 0 else None
 
-    def _add_instance(self, pool: Pool) -> int:
-        k = sum(1 for p in self.pool_of if p.name == pool.name)
-        self.ids.append(f"{pool.name}-{k:04d}")
-        self.pool_of.append(pool)
-        return len(self.ids) - 1
+    def add_instances(self, pool: Pool, n: int, serving_at: float) -> None:
+        """`n` new instances of `pool`: paid for from now on, routed to from `serving_at`."""
+        for _ in range(n):
+            k = sum(1 for p in self.pool_of if p.name == pool.name)
+            self.ids.append(f"{pool.name}-{k:04d}")
+            self.pool_of.append(pool)
+            self._grow_to(len(self.ids))
+            self._activate(len(self.ids) - 1, at=serving_at)
+
+    def _grow_to(self, size: int) -> None:
+        """Room for `size` instances in every per-instance array (doubling, so adding one is cheap)."""
+        have = len(self.alive)
+        if size <= have:
+            return
+        extra = max(size, 2 * have) - have
+        for name, (dtype, initial) in INSTANCE_COLUMNS.items():
+            setattr(self, name, np.concatenate((getattr(self, name), np.full(extra, initial, dtype))))
+
+    def remove_instance(self, i: int) -> None:
+        """Instance `i` stops existing (and costing): off the prefix index, its cache dropped."""
+        self.alive[i], self.draining[i] = False, False
+        self.prefix_index.remove_instance(self.ids[i])
+        self.caches.pop(i, None)
+        self.dec_n[i], self.dec_base[i] = 0, 0.0
 
     def _activate(self, i: int, at: float) -> None:
         pool = self.pool_of[i]
@@ -165,6 +187,7 @@ class Simulator:
             series[f"replicas_{p.name}"] = []
         self.gpu_s = np.zeros(len(spec.pools))
         self.energy = np.zeros(len(spec.pools))
+        autoscaler = Autoscaler(self) if spec.autoscale.enabled else None
         cursor, t0 = 0, 0.0
         table = None
         end = float(arrival[-1]) if len(arrival) else 0.0
@@ -172,7 +195,11 @@ class Simulator:
             t1 = t0 + dt
             while events and events[0].at_s < t1:
                 self._spot_event(events.pop(0))
-            self._kill_due(t0)
+            removed = self._kill_due(t0)
+            if autoscaler is not None:
+                removed |= autoscaler.tick(t0)
+            if removed:
+                table = None            # no route may reach a removed instance, even between heartbeats
             if t0 >= next_heartbeat or table is None:
                 table, rows = self._heartbeat(t0)
                 next_heartbeat = t0 + spec.heartbeat_interval_s
@@ -205,7 +232,8 @@ class Simulator:
                 self.status[stuck] = FAILED
                 break
         return Outcome(spec, self.trace, self.status, self.t_first, self.t_done, self.n_migr, self.n_preempt,
-                       self.failures, self.migrations, self.spot, self.prefix_blocks,
+                       self.failures, self.migrations, self.spot,
+                       autoscaler.counts if autoscaler is not None else Counter(), self.prefix_blocks,
                        self._per_pool(self.gpu_s), self._per_pool(self.energy),
                        {p.name: float(self.gpu_s[k] / 3600 * spec.gpus[p.gpu].price_per_hour)
                         for k, p in enumerate(spec.pools)},
@@ -220,7 +248,7 @@ class Simulator:
         rows = np.flatnonzero(self.alive & (self.up_at <= now))
         n = self.dec_n[rows]
         pool_blocks = self.spec.engine.num_blocks
-        used = self._used_blocks()[rows]
+        used = self.used_blocks()[rows]
         pre_count = np.bincount(self.prefill.inst, minlength=len(self.alive))[rows]
         pre_tokens = np.bincount(self.prefill.inst, weights=self.prefill.remaining, minlength=len(self.alive))[rows]
         inbox = np.bincount(self.inbox.inst, minlength=len(self.alive))[rows]
@@ -336,7 +364,7 @@ class Simulator:
         return max(0, cached), fetch + (self.spec.kv_latency_s if stored else 0.0)
 
     # -- engines ----------------------------------------------------------------------------------
-    def _used_blocks(self) -> np.ndarray:
+    def used_blocks(self) -> np.ndarray:
         sum_ctx = self.dec_base + self.dec_n * self.dec_steps
         return np.ceil(sum_ctx / self.bs + 0.5 * self.dec_n).astype(np.int64)
 
@@ -407,7 +435,7 @@ class Simulator:
         cum = np.cumsum(need)
         cum_in_run = cum - (cum - need)[starts][run]
         slots = self.spec.engine.max_num_seqs - self.dec_n[inst]
-        free = self.spec.engine.num_blocks - self._used_blocks()[inst]
+        free = self.spec.engine.num_blocks - self.used_blocks()[inst]
         ok = (rank < slots) & (cum_in_run <= free)
         if not ok.any():
             return
@@ -450,12 +478,12 @@ class Simulator:
 
     def _overflow(self, now: float) -> None:
         """KV full: preempt the latest-admitted requests (the engine's policy) and recompute them."""
-        over = np.flatnonzero(self._used_blocks() > self.spec.engine.num_blocks)
+        over = np.flatnonzero(self.used_blocks() > self.spec.engine.num_blocks)
         for i in over.tolist():
             run = self.running
             mine = np.flatnonzero(run.inst == i)
             victims = mine[np.argsort(-run.join[mine], kind="stable")]
-            excess = int(self._used_blocks()[i]) - self.spec.engine.num_blocks
+            excess = int(self.used_blocks()[i]) - self.spec.engine.num_blocks
             chosen, freed = [], 0
             for v in victims.tolist():
                 if freed >= excess or len(chosen) == len(mine) - 1:
@@ -489,9 +517,9 @@ class Simulator:
             by_inst.setdefault(i, []).append(RequestLoad(
                 str(int(run.req[k])), RequestPhase.DECODING, num_tokens=ctx, num_blocks=-(-ctx // self.bs),
                 arrival=int(run.join[k] * 1e3), max_tokens=max(0, int(run.target[k] - self.dec_steps[i]))))
-        used = self._used_blocks()
+        used = self.used_blocks()
         waiting = np.bincount(self.inbox.inst, minlength=len(self.alive))
-        for i in np.flatnonzero(self.alive & self.can_decode).tolist():
+        for i in np.flatnonzero(self.alive & (self.up_at <= now) & self.can_decode).tolist():
             spec = InstanceSpec(self.ids[i], self.pool_of[i].role, "sim", self.spec.model, self.bs,
                                 self.max_model_len)
             load = WorkerLoad(num_running=int(self.dec_n[i]), num_waiting=int(waiting[i]),
@@ -531,7 +559,7 @@ class Simulator:
             ctx = int(run.ctx0[k] + src_steps - run.join[k])
             need = -(-ctx // self.bs)
             if (self.dec_n[dst] >= self.spec.engine.max_num_seqs
-                    or need > self.spec.engine.num_blocks - self._used_blocks()[dst]):
+                    or need > self.spec.engine.num_blocks - self.used_blocks()[dst]):
                 self.migrations[(reason, "aborted")] += 1
                 continue
             mask = np.zeros(len(run), bool)
@@ -557,18 +585,14 @@ class Simulator:
         pool = next((p for p in self.spec.pools if p.name == event.add), None)
         if pool is None:
             raise ValueError(f"spot event at {event.at_s}s adds to unknown pool {event.add!r}")
-        for _ in range(event.replicas):
-            i = self._add_instance(pool)
-            self._activate(i, at=event.at_s + event.startup_s)
+        self.add_instances(pool, event.replicas, serving_at=event.at_s + event.startup_s)
 
-    def _kill_due(self, now: float) -> None:
-        """Instances past their deadline die; whatever they held is routed again from its tokens so far."""
+    def _kill_due(self, now: float) -> bool:
+        """Instances past their deadline die; whatever they held is routed again from its tokens so far.
+        True when one died."""
         dead = np.flatnonzero(self.alive & (self.down_at <= now))
         for i in dead.tolist():
-            self.alive[i] = False
             self.spot["instances_killed"] += 1
-            self.prefix_index.remove_instance(self.ids[i])
-            self.caches.pop(i, None)
             run = self.running
             mine = run.inst == i
             ctx = (run.ctx0[mine] + self.dec_steps[i] - run.join[mine]).astype(np.int64)
@@ -583,7 +607,8 @@ class Simulator:
                     self.reroutes.append(req=q.req[lost], t=now, ctx=getattr(q, ctx_name)[lost] - 1,
                                          left=q.left[lost])
                     q.keep(~lost)
-            self.dec_n[i], self.dec_base[i] = 0, 0.0
+            self.remove_instance(i)
+        return len(dead) > 0
 
     # -- accounting ------------------------------------------------------------------------------------
     def _account(self, dt: float) -> None:

@@ -14,6 +14,9 @@ SLOs and the spot availability events — one YAML file (services/sim/configs/*.
     power_budget_watts   drawn on the power plot (0 = none)
     tick_s               the simulation step (default: the heartbeat interval)
     spot                 events: {at_s, preempt: instance id, notice_s} or {at_s, add: pool, replicas, startup_s}
+    autoscale            enabled, interval_s (control period), window_s (signal window), startup_s (decision
+                         to serving), prefill / decode: {min_replicas, max_replicas}, and the other
+                         policies.autoscale.AutoscaleConfig fields (headroom, attainment_target, ...)
 
 Unknown keys are errors that name the key and where it may go.
 """
@@ -27,6 +30,7 @@ from typing import Any
 import yaml
 
 from services.common.cluster import Role
+from services.scheduler.policies.autoscale import AutoscaleConfig, PoolBounds
 from services.common.named_yaml import find_yaml
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -73,6 +77,22 @@ class SpotEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoscaleSpec:
+    """Autoscaling in the simulator: every `interval_s`, the pools' signals over the last `window_s` go to
+    the live policy (`policy`); an instance it adds serves `startup_s` after the decision."""
+    enabled: bool = False
+    interval_s: float = 15.0
+    window_s: float = 60.0
+    startup_s: float = 60.0
+    policy: AutoscaleConfig = AutoscaleConfig()
+
+    def __post_init__(self) -> None:
+        if not (self.interval_s > 0 and self.window_s > 0 and self.startup_s >= 0):
+            raise ValueError(f"autoscale: interval_s and window_s must be > 0 and startup_s >= 0, got "
+                             f"{self.interval_s}, {self.window_s}, {self.startup_s}")
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSpec:
     profile: str
     pools: tuple[Pool, ...]
@@ -92,8 +112,12 @@ class ClusterSpec:
     power_budget_watts: float = 0.0
     tick_s: float = 0.0            # 0: the heartbeat interval
     spot: tuple[SpotEvent, ...] = ()
+    autoscale: AutoscaleSpec = AutoscaleSpec()
 
     def __post_init__(self) -> None:
+        if self.autoscale.enabled and any(p.name == "colocated" for p in self.pools):
+            raise ValueError("autoscale: only prefill and decode pools can be autoscaled; "
+                             "remove the colocated pool or set autoscale.enabled: false")
         if not self.pools or sum(p.replicas for p in self.pools) == 0:
             raise ValueError("pools: give at least one instance (e.g. pools: {colocated: {replicas: 2}})")
         for p in self.pools:
@@ -147,6 +171,7 @@ def spec_from_mapping(data: dict[str, Any], where: str = "spec") -> ClusterSpec:
         flat.update({keys[k]: v for k, v in sub.items()})
     engine = _build(EngineLimits, data.pop("engine", None) or {}, f"{where}: engine")
     spot = tuple(_build(SpotEvent, e, f"{where}: spot[{i}]") for i, e in enumerate(data.pop("spot", None) or ()))
+    autoscale = _autoscale(data.pop("autoscale", None) or {}, f"{where}: autoscale")
     for key, value in {**data, **flat}.items():
         if isinstance(value, str) and key not in ("profile", "model", "routing"):
             try:
@@ -157,20 +182,48 @@ def spec_from_mapping(data: dict[str, Any], where: str = "spec") -> ClusterSpec:
     for key in ("prefix_index_capacity", "kvstore_blocks"):
         if key in merged:
             merged[key] = int(merged[key])
-    return ClusterSpec(pools=pools, gpus=gpus, engine=engine, spot=spot, **merged)
+    return ClusterSpec(pools=pools, gpus=gpus, engine=engine, spot=spot, autoscale=autoscale, **merged)
 
 
-def _build(cls: type, data: dict[str, Any], where: str):
-    _check(data, {f.name for f in fields(cls)}, where)
+def _autoscale(data: dict[str, Any], where: str) -> AutoscaleSpec:
+    """The `autoscale:` section: the simulator's own keys, bounds per pool, then the policy's fields."""
+    own = {f.name for f in fields(AutoscaleSpec)} - {"policy"}
+    policy_fields = {f.name for f in fields(AutoscaleConfig)}
+    _check(data, own | policy_fields, where)
+    data = dict(data)
+    bounds = {pool: _build(PoolBounds, data.pop(pool) or {}, f"{where}.{pool}")
+              for pool in ("prefill", "decode") if pool in data}
+    policy = _build(AutoscaleConfig, {k: data.pop(k) for k in policy_fields & set(data)}, where, **bounds)
+    return _build(AutoscaleSpec, data, where, policy=policy)
+
+
+def _build(cls: type, data: dict[str, Any], where: str, **given: Any):
+    """`cls` from a mapping of its scalar fields (typed from the annotations), plus `given` as they are;
+    a value the class rejects is an error at `where`."""
+    _check(data, {f.name for f in fields(cls)} - set(given), where)
     typed = {}
     for f in fields(cls):
         if f.name in data:
-            kind = {"float": float, "int": int, "str": str}[f.type]
-            value = kind(data[f.name])
-            if kind is not str and not math.isfinite(value):
+            kind = {"float": float, "int": int, "str": str, "bool": _boolean}[f.type]
+            try:
+                value = kind(data[f.name])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}.{f.name}: {e}") from e
+            if kind in (float, int) and not math.isfinite(value):
                 raise ValueError(f"{where}.{f.name} must be finite, got {data[f.name]!r}")
             typed[f.name] = value
-    return cls(**typed)
+    try:
+        return cls(**typed, **given)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ValueError(f"expected true or false, got {value!r}")
 
 
 def _check(data: Any, allowed: set[str], where: str) -> None:
