@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from services.engine.engine import BaseEngine, RequestOutput
+from services.worker.power import BusyTime
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class EngineLoop:
         self.requests: list[tuple] = []          # engine.request_loads(), refreshed alike
         self._snapshot()
         self.num_steps = 0
+        self.busy = BusyTime()                   # wall time inside steps (the power model's input)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -75,7 +77,8 @@ class EngineLoop:
             if self._stopped or not self.engine.has_unfinished:
                 continue
             try:
-                outputs = self.engine.step()
+                with self.busy.busy():
+                    outputs = self.engine.step()
                 result = self._after_step(self.engine, outputs)
             except Exception as e:  # a failed step must not kill the worker silently
                 log.exception("engine step failed")

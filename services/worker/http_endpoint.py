@@ -7,6 +7,9 @@
                  ferry_worker_kv_blocks_free      gauge   KV blocks free now
                  ferry_worker_draining            gauge   1 while drained (Drain RPC), else 0
                  ferry_worker_preemptions_total   counter requests preempted for KV room
+                 ferry_worker_kv_transfer_*, ferry_worker_prefix_cache_*   counted as they happen (metrics.py)
+                 ferry_worker_gpu_power_watts        gauge    modelled power (sim engine only, power.py)
+                 ferry_worker_gpu_energy_joules_total counter modelled energy since the start (sim only)
     /healthz   200 while the process serves and its engine thread lives; 503 once that thread died.
     /readyz    200 when the gRPC server is up, the worker is registered with its scheduler (or runs
                stand-alone) and it is not draining; else 503 and the reason on one line. A drained
@@ -40,6 +43,7 @@ class WorkerProbe:
         self.is_standalone = is_standalone
         self.servicer = None            # the WorkerServicer, once the gRPC server is up
         self.is_stopping = False
+        self.power = None               # a LinearPowerModel where the worker models its GPU's power
         self._beats: tuple[float, float] | None = None    # monotonic times of the last two heartbeats
 
     def heartbeat_load(self, load: Callable[[], common_pb2.WorkerLoad]) -> Callable[[], common_pb2.WorkerLoad]:
@@ -99,6 +103,12 @@ class WorkerCollector:
                                 value=int(servicer.draining))
         yield CounterMetricFamily("ferry_worker_preemptions", "Requests preempted for KV room",
                                   value=stats.get("num_preemptions", 0))
+        yield from servicer.metrics.collect()
+        if self.probe.power is not None:
+            watts, joules = self.probe.power.read()
+            yield GaugeMetricFamily("ferry_worker_gpu_power_watts", "GPU power draw", value=watts)
+            yield CounterMetricFamily("ferry_worker_gpu_energy_joules", "GPU energy used since the worker started",
+                                      value=joules)
 
 
 def serve_http(probe: WorkerProbe, host: str, port: int) -> ThreadingHTTPServer:

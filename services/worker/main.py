@@ -59,6 +59,8 @@ class WorkerSettings:
     engine: str = setting("llm", "llm (the model) or sim (a performance model paced in real time; no weights)")
     sim_profile: str = setting("llama3-8b-h100", "sim engine: profile name (services/engine/profiles) or YAML path")
     sim_num_blocks: int = setting(0, "sim engine: KV blocks (0: the engine's default, 4096)")
+    gpu_idle_watts: float = setting(100.0, "sim engine: modelled GPU power when idle (H100 SXM)")
+    gpu_peak_watts: float = setting(700.0, "sim engine: modelled GPU power when busy all the time (H100 SXM)")
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -71,6 +73,9 @@ class WorkerSettings:
             raise ValueError(f"sim_num_blocks {self.sim_num_blocks}: use 0 (the default) or a positive count")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is outside 0..65535")
+        if not 0 <= self.gpu_idle_watts <= self.gpu_peak_watts:
+            raise ValueError(f"need 0 <= gpu_idle_watts ({self.gpu_idle_watts}) <= gpu_peak_watts "
+                             f"({self.gpu_peak_watts}): set --gpu-idle-watts and --gpu-peak-watts")
         if not -1 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port {self.metrics_port}: use -1 (off), 0 (any free port) or a port")
 
@@ -110,6 +115,7 @@ def build_engine(s: WorkerSettings):
 async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
     from services.kvstore.client import KVStoreClient
     from services.worker.http_endpoint import WorkerProbe, serve_http
+    from services.worker.power import LinearPowerModel
     from services.worker.registration import keep_registered
     from services.worker.servicer import WorkerServicer
 
@@ -134,6 +140,8 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
     servicer = WorkerServicer(engine, instance_id=instance_id, role=ROLES[s.role], kvstore=kvstore,
                               address=address)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    if s.engine == "sim":       # no GPU to read: model its power from the steps' busy time
+        probe.power = LinearPowerModel(servicer.loop.busy, s.gpu_idle_watts, s.gpu_peak_watts)
     servicer.loop.start()
     await server.start()
     probe.servicer = servicer

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from services.kvstore.client import KVStoreClient
 from services.worker.engine_loop import EngineLoop
 from services.worker.handoff import StepResult, Tracked, after_step
 from services.worker.kv_stream import StageQueue, read_stages
+from services.worker.metrics import WorkerMetrics
 from services.worker.migration import MigrationFailed, migrate
 from services.worker.requests import sampling_params, validate_prefill
 from services.worker.token_pusher import TokenPusher
@@ -56,6 +58,8 @@ class Flight:
     stages: StageQueue | None = None
     sender: asyncio.Task | None = None
     waiting_tokens: int = 0              # decode role: a stage waits here for free KV blocks
+    kv_bytes: int = 0                    # KV bytes sent (prefill role) or received (decode role) so far
+    kv_started_at: float = 0.0           # perf_counter of the first KV stage
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -75,6 +79,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.migrations: dict[str, tuple[asyncio.Task, str]] = {}   # outgoing: request id -> (task, destination)
         self.moved: OrderedDict[str, str] = OrderedDict()       # request id -> where it migrated to
         self.pusher = TokenPusher(address)
+        self.metrics = WorkerMetrics()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.loop = EngineLoop(engine, asyncio.get_running_loop(),
                                lambda eng, outs: after_step(eng, outs, self.tracked, self.kvstore is not None),
@@ -118,6 +123,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
         try:
             flight.num_cached_tokens = await self.loop.call(start)
+            self.metrics.prefix_lookup(len(prompt), flight.num_cached_tokens)
             return await flight.prefill_done
         except ValueError as e:
             self._forget(rid)
@@ -195,7 +201,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if flight is None:
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                         f"{rid} was not admitted here (call Admit first)")
-                flight.kv_started = True
+                if not flight.kv_started:
+                    flight.kv_started, flight.kv_started_at = True, time.perf_counter()
+                flight.kv_bytes += len(payload.data)
                 await failpoints.pause("pushkv.final" if payload.is_final else
                                        "pushkv.stage0" if payload.first_block == 0 else "")
                 num_blocks += payload.num_blocks
@@ -203,6 +211,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 del payload     # free a big stage's bytes before the ack, not while the next (final) stage waits
                 yield worker_pb2.PushKVReply(resumed=resumed, num_blocks=num_blocks)
                 if resumed:
+                    self.metrics.kv_transfer("received", flight.kv_bytes, time.perf_counter() - flight.kv_started_at)
                     return
         except (ValueError, TypeError, KVLayoutMismatch) as e:
             await self._abort(rid)
@@ -275,6 +284,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self.migrations.pop(rid, None)
         self._forget(rid)
         self._remember_move(rid, destination)
+        self.metrics.kv_transfer("sent", reply.num_bytes, reply.duration_s)
         log.info("migrated %s to %s: %d blocks in %d stages, %.1f ms down", rid, destination,
                  reply.num_blocks, reply.num_stages, reply.downtime_s * 1e3)
         return reply
@@ -308,8 +318,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if flight is None:
             return
         if flight.stages is None:
-            flight.stages = StageQueue()
+            flight.stages, flight.kv_started_at = StageQueue(), time.perf_counter()
             flight.sender = asyncio.create_task(self._push_kv(flight))
+        flight.kv_bytes += len(payload.data)
         flight.stages.put(payload)
         if payload.is_final:
             self.tracked.pop(tracked.request_id, None)
@@ -328,6 +339,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await self._abort(rid)
             return
         self._forget(rid)
+        self.metrics.kv_transfer("sent", flight.kv_bytes, time.perf_counter() - flight.kv_started_at)
         _settle(flight.prefill_done, worker_pb2.PrefillReply(num_cached_tokens=flight.num_cached_tokens,
                                                              handed_off=reply.resumed))
 

@@ -19,6 +19,10 @@ from tests.procs import eventually, free_port, start, stop, wait_for_port
 
 GAUGES = ("ferry_worker_requests_running", "ferry_worker_requests_waiting", "ferry_worker_kv_blocks_total",
           "ferry_worker_kv_blocks_free", "ferry_worker_draining", "ferry_worker_preemptions_total")
+EVENTS = ('ferry_worker_kv_transfer_bytes_total{direction="sent"}',
+          'ferry_worker_kv_transfer_bytes_total{direction="received"}',
+          'ferry_worker_kv_transfer_duration_seconds_count{direction="received"}',
+          "ferry_worker_prefix_cache_queries_total", "ferry_worker_prefix_cache_hits_total")
 NUM_BLOCKS = 64
 
 
@@ -45,7 +49,7 @@ def start_worker(tmp_path, *extra: str):
 
 @pytest.mark.integration
 def test_standalone_worker_serves_metrics_and_drain_flips_readiness(tmp_path):
-    proc, grpc_port, http_port = start_worker(tmp_path)
+    proc, grpc_port, http_port = start_worker(tmp_path, "--gpu-idle-watts", "123")
     try:
         wait_for_port(grpc_port, proc, timeout=60)
         assert get(http_port, "/healthz") == (200, "ok\n")
@@ -57,6 +61,9 @@ def test_standalone_worker_serves_metrics_and_drain_flips_readiness(tmp_path):
         assert values["ferry_worker_kv_blocks_total"] == NUM_BLOCKS
         assert values["ferry_worker_kv_blocks_free"] == NUM_BLOCKS
         assert values["ferry_worker_draining"] == 0
+        assert all(values[name] == 0 for name in EVENTS), text
+        assert values["ferry_worker_gpu_power_watts"] == 123          # idle: no step has run
+        assert values["ferry_worker_gpu_energy_joules_total"] > 0
         assert get(http_port, "/nothing")[0] == 404
 
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
