@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cluster spec YAML, or one of: {', '.join(sorted(c.stem for c in CONFIGS.glob('*.yaml')))}")
     p.add_argument("--rate-multiplier", type=int, default=1,
                    help="overlay k shifted copies of the trace: k x the rate over the same hour")
+    p.add_argument("--multiplier-spread", type=float, default=None, metavar="SECONDS",
+                   help="shift the multiplier's copies by at most this much (default: the whole trace, which "
+                        "flattens its rate over time; a minute keeps its shape)")
     p.add_argument("--rate-scale", type=float, default=1.0, help="compress time: arrivals x 1/scale")
     p.add_argument("--window", default="", metavar="START:END", help="only arrivals in [START, END) seconds")
     p.add_argument("--seed", type=int, default=0, help="seeds the rate multiplier's offsets")
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_mapping(load_config(args.config, args.set), where=args.config)
         trace = load_trace(args.trace)
         if args.rate_multiplier > 1:
-            trace = trace.with_rate_multiplier(args.rate_multiplier, seed=args.seed)
+            trace = trace.with_rate_multiplier(args.rate_multiplier, seed=args.seed, spread_s=args.multiplier_spread)
         if args.rate_scale != 1.0:
             trace = trace.scaled(args.rate_scale)
         if args.window:
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "summary.json").write_text(json.dumps(
             {"trace": args.trace, "config": args.config, "set": args.set, "rate_multiplier": args.rate_multiplier,
+             "multiplier_spread": args.multiplier_spread,
              "window": args.window, "summary": summary}, indent=2, default=float) + "\n")
         if not args.no_plots:
             from services.sim.plots import write_plots

@@ -32,7 +32,9 @@ def summarize(out: Outcome) -> dict:
     per_s = (lambda x: x / duration) if duration > 0 else (lambda x: 0.0)
     tpot_all = np.zeros(len(e2el))
     tpot_all[multi] = tpot
-    good = int(np.count_nonzero((ttft <= spec.slo_ttft_s) & (tpot_all <= spec.slo_tpot_s)))
+    ttft_met, tpot_met = ttft <= spec.slo_ttft_s, tpot_all <= spec.slo_tpot_s
+    good = int(np.count_nonzero(ttft_met & tpot_met))
+    share = (lambda met: 100.0 * int(np.count_nonzero(met)) / len(trace)) if len(trace) else (lambda met: 0.0)
     total_in, total_out = int(trace.num_prompt_tokens[ok].sum()), int(output.sum())
     energy_j = sum(out.energy_j.values())
     summary: dict = {
@@ -54,6 +56,8 @@ def summarize(out: Outcome) -> dict:
         "good_requests": good,
         "request_goodput": per_s(good),
         "slo_attainment_pct": 100.0 * good / len(trace) if len(trace) else 0.0,
+        "ttft_attainment_pct": share(ttft_met),      # of all requests: a failed one misses both
+        "tpot_attainment_pct": share(tpot_met),
         "errors": dict(out.failures),
         "gpu_hours": {k: v / 3600 for k, v in out.gpu_seconds.items()},
         "gpu_hours_total": sum(out.gpu_seconds.values()) / 3600,

@@ -144,13 +144,16 @@ class Trace:
         return Trace(self.arrival_s / rate_factor, self.num_prompt_tokens, self.num_output_tokens,
                      self.prefix_hashes, self.block_size)
 
-    def with_rate_multiplier(self, k: int, seed: int, share_prefixes: bool = True) -> Trace:
+    def with_rate_multiplier(self, k: int, seed: int, share_prefixes: bool = True,
+                             spread_s: float | None = None) -> Trace:
         """k superposed copies of the trace: k times the rate over the *same* duration.
 
         `scaled(200)` would squeeze an hour into 18 s, so a "1 hour at 200x rate" run instead overlays
-        200 copies, copy j shifted by a seeded uniform offset in [0, duration) and wrapped around the
-        duration (copy 0 is the original, unshifted). Each copy keeps the trace's own burstiness and
-        length mix; the wrap keeps the duration (max arrival <= the original's). With
+        200 copies, copy j shifted by a seeded uniform offset in [0, spread_s) (default: the whole
+        duration) and wrapped around the duration (copy 0 is the original, unshifted). Each copy keeps
+        the trace's own burstiness and length mix; the wrap keeps the duration (max arrival <= the
+        original's). Offsets over the whole duration flatten the trace's rate over time; a short
+        `spread_s` (a minute) keeps its shape, which is what an autoscaler follows. With
         `share_prefixes`, copies keep their hash ids (the same conversations replayed by other users:
         an upper bound on prefix reuse); otherwise copy j's ids are offset to be distinct.
         """
@@ -161,7 +164,9 @@ class Trace:
             if k != 1 and n and duration == 0:
                 raise ValueError("with_rate_multiplier needs a trace with duration > 0")
             return self
-        offsets = np.random.default_rng(seed).uniform(0.0, duration, size=k)
+        if spread_s is not None and not 0 < spread_s <= duration:
+            raise ValueError(f"spread_s must be in (0, {duration:g}] (the trace's duration), got {spread_s}")
+        offsets = np.random.default_rng(seed).uniform(0.0, spread_s or duration, size=k)
         offsets[0] = 0.0
         shifted = self.arrival_s[None, :] + offsets[:, None]
         shifted[1:] = np.mod(shifted[1:], duration)
