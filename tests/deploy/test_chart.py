@@ -60,7 +60,8 @@ def test_defaults_render_the_operator_redis_and_one_cluster():
         ("ClusterRole", f"{NAMESPACE}-ferry-operator-nodes"),
         ("ClusterRoleBinding", f"{NAMESPACE}-ferry-operator-nodes"),
         ("Deployment", "ferry-operator"), ("Deployment", "ferry-redis"), ("Service", "ferry-redis"),
-        ("InferenceCluster", "ferry"), ("ConfigMap", "ferry-dashboard-ferry-overview")])
+        ("InferenceCluster", "ferry"), ("ConfigMap", "ferry-dashboard-ferry-overview"),
+        ("ConfigMap", "ferry-dashboard-ferry-workers")])
     assert all(o["metadata"].get("namespace") == NAMESPACE for o in objects if not o["kind"].startswith("Cluster"))
     ic = one(objects, "InferenceCluster")
     assert ic["spec"]["scheduler"]["redisURL"] == f"redis://ferry-redis.{NAMESPACE}.svc:6379/0"
