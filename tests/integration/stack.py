@@ -30,6 +30,7 @@ class Stack:
     url: str = ""
     scheduler_address: str = ""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)     # name -> port of its /metrics (Shape.metrics)
 
     @property
     def base_url(self) -> str:
@@ -107,6 +108,9 @@ class Shape:
     num_decode: int = 1                 # decode workers (colocated: `--role both` workers)
     engine: str = "llm"                 # llm | sim
     sim_profile: str = "llama3-8b-h100"
+    metrics: bool = False               # scheduler, kvstore and workers serve /metrics (`Stack.metrics_ports`)
+    autoscale_interval_s: float = 0.0   # > 0: the scheduler's autoscaler runs, reading the gateway's /metrics
+    scheduler_args: tuple[str, ...] = ()    # more `serve scheduler` settings
 
 
 def start_stack(name: str, folder: Path, model: Path, colocated: bool = False, *,
@@ -136,13 +140,26 @@ def _launch(stack: Stack, model: Path, shape: Shape) -> None:
     log.close()
     wait_for_port(redis_port, stack.procs["redis"], timeout=30)
 
+    http_port = free_port()
+    stack.url = f"http://127.0.0.1:{http_port}"
+
+    def metrics(name: str) -> list[str]:
+        if not shape.metrics:
+            return []
+        stack.metrics_ports[name] = free_port()
+        return ["--metrics-port", str(stack.metrics_ports[name])]
+
     scheduler_port = free_port()
     stack.scheduler_address = f"127.0.0.1:{scheduler_port}"
+    autoscale = (["--autoscale-interval-s", str(shape.autoscale_interval_s),
+                  "--gateway-metrics-urls", f"{stack.url}/metrics"] if shape.autoscale_interval_s > 0 else [])
     stack.start_service("scheduler", ["serve", "scheduler", "--port", str(scheduler_port),
                                       "--redis-url", f"redis://127.0.0.1:{redis_port}/0",
-                                      "--heartbeat-interval-s", "0.2"])
+                                      "--heartbeat-interval-s", "0.2", *metrics("scheduler"), *autoscale,
+                                      *shape.scheduler_args])
     kvstore_port = free_port()
-    stack.start_service("kvstore", ["serve", "kvstore", "--port", str(kvstore_port), "--capacity-gb", "0.25"])
+    stack.start_service("kvstore", ["serve", "kvstore", "--port", str(kvstore_port), "--capacity-gb", "0.25",
+                                    *metrics("kvstore")])
     wait_for_port(scheduler_port, stack.procs["scheduler"], timeout=60)
     wait_for_port(kvstore_port, stack.procs["kvstore"], timeout=60)
 
@@ -157,12 +174,12 @@ def _launch(stack: Stack, model: Path, shape: Shape) -> None:
     ports = {}
     for name, service in workers:                   # they load the model in parallel
         ports[name] = free_port()
-        stack.start_service(name, ["serve", *service, *common, "--port", str(ports[name])])
+        stack.start_service(name, ["serve", *service, *common, "--port", str(ports[name]), *metrics(name)])
     for name, port in ports.items():
         wait_for_port(port, stack.procs[name], timeout=READY_TIMEOUT_S)
 
-    http_port = free_port()
-    stack.url = f"http://127.0.0.1:{http_port}"
+    if shape.metrics:
+        stack.metrics_ports["gateway"] = http_port          # the gateway serves /metrics on its HTTP port
     stack.start_service("gateway", ["serve", "gateway", "--model", str(model), "--port", str(http_port),
                                     "--sink-port", str(free_port()), "--scheduler-address",
                                     stack.scheduler_address])
