@@ -7,7 +7,8 @@ ferry_cluster, component, pod). Then:
 
   * every panel query of every dashboard and every alert expression of the rendered PrometheusRule
     runs without error (Grafana's $namespace, $cluster and $__rate_interval filled in);
-  * every metric any of them names is exported by some running service (its /metrics declares it);
+  * every metric any of them names is exported by some running service (its /metrics declares it),
+    and docs/metrics.md documents every metric the services export;
   * the panels the issue asks for (request rate, latency vs SLO, attainment, goodput, KV use, prefix
     hits, KV transfer, replicas vs the autoscaler, power vs budget) show data.
 """
@@ -25,12 +26,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.deploy.chart import CHART, MONITORING, NAMESPACE, one, render
 from tests.integration.prometheus import MISSING, Target, TestPrometheus, prometheus_binary
 from tests.integration.stack import MODEL, Shape, Stack, client, start_stack
-from tests.procs import eventually
+from tests.procs import ROOT, eventually
 
 pytestmark = pytest.mark.integration
 
 CLUSTER = "ferry"                    # the release's cluster name (tests/deploy/chart.py renders "ferry")
-RATE_INTERVAL = "10s"                # Grafana's $__rate_interval at a 1 s scrape interval, with margin
+RATE_INTERVAL = "1m"                 # $__rate_interval: long enough that the traffic stays in the window
 POWER_BUDGET_W = 5000.0
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
 SYNTHETIC = {"up"}                   # series Prometheus itself makes for each target
@@ -84,14 +85,19 @@ def variable_queries() -> list[tuple[str, str]]:
     return out
 
 
-def exported(urls: list[str]) -> set[str]:
-    """Every series name the services' /metrics declare (a labelled metric with no sample yet too)."""
-    names = set()
-    for url in urls:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            for family in text_string_to_metric_families(r.read().decode()):
-                names |= {family.name + s for s in SUFFIXES.get(family.type, ("",))}
-    return names
+def families(stack: Stack) -> dict[str, str]:
+    """name -> type of every metric family the stack's services declare on /metrics (a labelled metric
+    with no sample yet too)."""
+    out = {}
+    for port in stack.metrics_ports.values():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            out |= {f.name: f.type for f in text_string_to_metric_families(r.read().decode())}
+    return out
+
+
+def exported(stack: Stack) -> set[str]:
+    """Every series name the services' /metrics declare."""
+    return {name + s for name, kind in families(stack).items() for s in SUFFIXES.get(kind, ("",))}
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +137,12 @@ def traffic(stack: Stack, prometheus: TestPrometheus) -> int:
         else:
             c.completions.create(model=MODEL, prompt=prompt, max_tokens=16, seed=i)
 
+    # One request first: its labelled series (requests by status) must be in Prometheus before the rest
+    # arrive, or a counter first seen at its final value has no increase to rate.
+    send((1, prompts[1]))
+    assert eventually(lambda: prometheus.query("ferry_gateway_requests_total"), timeout=30, interval=0.5)
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(send, enumerate(prompts)))
+        list(pool.map(send, [(i, p) for i, p in enumerate(prompts) if i != 1]))
     counted = f'sum(ferry_gateway_slo_requests_total{{slo="all"}}) >= {len(prompts)}'
     assert eventually(lambda: prometheus.query(counted), timeout=30, interval=0.5), "Prometheus missed them"
     assert eventually(lambda: prometheus.query("max(ferry_scheduler_autoscaler_desired_replicas) >= 0"),
@@ -155,9 +165,18 @@ def test_every_metric_used_is_exported(stack: Stack, traffic):
     queries = panel_queries() + alert_queries() + variable_queries()
     used = set().union(*(metric_names(q) for _, q in queries)) - SYNTHETIC
     assert any(n.startswith("ferry_worker_") for n in used) and "ferry_scheduler_instances" in used
-    urls = [f"http://127.0.0.1:{port}/metrics" for port in stack.metrics_ports.values()]
-    missing = sorted(used - exported(urls))
+    missing = sorted(used - exported(stack))
     assert not missing, f"named in dashboards or alerts but exported by no service: {missing}"
+
+
+def test_docs_list_every_exported_metric(stack: Stack, traffic):
+    """docs/metrics.md has a row for every metric a running service exports (sim workers: power too)."""
+    table_rows = re.compile(r"^\| `(ferry_[a-z0-9_]+)`", re.MULTILINE)
+    documented = set(table_rows.findall((ROOT / "docs" / "metrics.md").read_text()))
+    names = {name + ("_total" if kind == "counter" else "") for name, kind in families(stack).items()
+             if not name.endswith("_created")}         # the client library's creation timestamps
+    assert {"ferry_worker_gpu_power_watts", "ferry_gateway_slo_requests_total"} <= names
+    assert sorted(names - documented) == []
 
 
 @pytest.mark.parametrize("title, check", [
