@@ -12,8 +12,8 @@ cut (`--window`). The cluster is `services/sim/configs/llama3-8b-h100-autoscale.
 (a) Autoscaled: the live policy (policies.autoscale) every `interval_s`, starting at the size it
     would choose for the first window's demand.
 (b) Static: for each pool the smallest fixed replica count whose SLO attainment is at least the
-    autoscaled run's (TTFT for prefill, TPOT for decode), found by bisection with the other pool at
-    the autoscaled run's peak; then both at once, raised one replica at a time until every
+    autoscaled run's (TTFT for prefill, TPOT for decode), searched down from the autoscaled run's peak
+    with the other pool at its peak; then both at once, raised one replica at a time until every
     attainment (TTFT, TPOT and both) is at least the autoscaled run's. That is static peak
     provisioning at equal SLO attainment. Attainment is assumed monotone in the replica count.
 """
@@ -98,13 +98,24 @@ def meets(result: dict, goal: dict, keys=ATTAINMENTS) -> bool:
 
 def smallest(config: str, extra: list[str], pool: str, other: int, start: int, goal: dict, key: str) -> int:
     """The smallest static count of `pool` (the other pool fixed at `other`) whose `key` attainment
-    reaches the goal: double up from `start` until it does, then bisect."""
+    reaches the goal: from `start` (up first if it misses) step down 1, 2, 4, ... until one misses, then
+    bisect. Stepping down keeps the failing runs close to the boundary: a badly overloaded pool queues
+    hundreds of thousands of requests and takes many times longer to simulate."""
     def ok(n: int) -> bool:
         sizes = (n, other) if pool == "prefill" else (other, n)
         return meets(run(config, static_sets(*sizes, extra)), goal, (key,))
-    lo, hi = 0, max(1, start)
+    hi = start
     while not ok(hi):
-        lo, hi = hi, hi * 2
+        hi += 1
+    step = 1
+    while True:                            # hi reaches the goal; find a count below it that misses
+        lo = hi - step
+        if lo <= 0:
+            lo = 0                         # no instance misses everything: no need to run it
+            break
+        if not ok(lo):
+            break
+        hi, step = lo, step * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if ok(mid) else (mid, hi)
@@ -208,9 +219,6 @@ def main() -> int:
            "largest_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
     print(f"GPU-hours saved: {saved:.1f}% (goal >= 30%); {wall:.0f} s wall; peak RSS {rss['main_mb']:.0f} MB "
           f"(main), {rss['largest_worker_mb']:.0f} MB (largest worker)")
-    if args.plot:
-        plot(auto, static, TRACE, args.plot)
-        print(f"wrote {args.plot}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
@@ -221,6 +229,9 @@ def main() -> int:
             "static_final_checks": [{k: r[k] for k in ("set", *ATTAINMENTS, "gpu_hours_total")} for r in tried],
             "wall_s": wall, "peak_rss": rss}, indent=1, default=float) + "\n")
         print(f"wrote {args.json}")
+    if args.plot:
+        plot(auto, static, TRACE, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
