@@ -124,3 +124,14 @@ def test_autoscaling_colocated_pools_is_an_error_and_set_reaches_the_section() -
     s = spec_from_mapping(data)
     assert s.autoscale.enabled and s.autoscale.policy.decode.max_replicas == 40
     assert s.autoscale.policy.headroom == 1.5 and s.autoscale.policy.prefill.max_replicas == 16
+
+
+def test_a_short_multiplier_spread_keeps_the_rate_curve_an_autoscaler_follows() -> None:
+    """Copies shifted by at most a minute keep a ramp a ramp; shifted over the whole trace they flatten it."""
+    ramp = steps((2, 300), (10, 300))
+    kept = ramp.with_rate_multiplier(20, seed=0, spread_s=60)
+    flat = ramp.with_rate_multiplier(20, seed=0)
+    late = lambda t: np.mean(t.arrival_s >= 300)
+    assert late(ramp) > 0.8 and late(kept) > 0.7 and late(flat) < 0.6
+    with pytest.raises(ValueError, match="spread_s"):
+        ramp.with_rate_multiplier(2, seed=0, spread_s=10_000)
