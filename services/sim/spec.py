@@ -30,8 +30,8 @@ from typing import Any
 import yaml
 
 from services.common.cluster import Role
-from services.scheduler.policies.autoscale import AutoscaleConfig, PoolBounds
 from services.common.named_yaml import find_yaml
+from services.scheduler.policies.autoscale import AutoscaleConfig, PoolBounds
 
 CONFIGS = Path(__file__).parent / "configs"
 POOL_ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "colocated": Role.BOTH}
@@ -84,7 +84,7 @@ class AutoscaleSpec:
     interval_s: float = 15.0
     window_s: float = 60.0
     startup_s: float = 60.0
-    policy: AutoscaleConfig = AutoscaleConfig()
+    policy: AutoscaleConfig = field(default_factory=AutoscaleConfig)
 
     def __post_init__(self) -> None:
         if not (self.interval_s > 0 and self.window_s > 0 and self.startup_s >= 0):
