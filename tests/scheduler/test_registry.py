@@ -159,3 +159,14 @@ def test_entry_round_trip():
 def test_unreadable_entries_raise_value_error(raw):
     with pytest.raises(ValueError):
         decode(raw)
+
+
+def test_a_stale_heartbeat_does_not_undo_a_drain():
+    registry = Registry(heartbeat_timeout_s=3.0)
+    registry.register(spec("d0"), now=0.0)
+    registry.mark_draining("d0")
+    registry.heartbeat("d0", WorkerLoad(num_blocks=10, num_free_blocks=10), now=1.0)   # sent before the Drain
+    assert registry.get("d0").load.draining
+    registry.mark_draining("d0", False)
+    registry.heartbeat("d0", WorkerLoad(num_blocks=10, num_free_blocks=10), now=2.0)
+    assert not registry.get("d0").load.draining
