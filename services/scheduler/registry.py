@@ -17,7 +17,9 @@ class Registry:
             raise ValueError(f"heartbeat_timeout_s must be > 0, got {heartbeat_timeout_s}")
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._states: dict[str, InstanceState] = {}
-        self._drained: set[str] = set()     # drains the scheduler asked for: a stale heartbeat can't undo them
+        # Drain state the scheduler set (DrainInstance and its cancel): it wins over heartbeats, which may
+        # have left the worker before the worker got the Drain (or its cancel).
+        self._drain_set: dict[str, bool] = {}
 
     def __len__(self) -> int:
         return len(self._states)
@@ -38,7 +40,7 @@ class Registry:
         if load is None:
             load = old.load if old is not None and old.spec == spec else WorkerLoad()
         self._states[spec.instance_id] = InstanceState(spec, load, now)
-        self._drained.discard(spec.instance_id)     # a new process: its own load says if it drains
+        self._drain_set.pop(spec.instance_id, None)     # a new process: its own load says if it drains
         return old is None
 
     def restore(self, state: InstanceState) -> None:
@@ -50,14 +52,15 @@ class Registry:
         old = self._states.get(instance_id)
         if old is None:
             return False
-        if instance_id in self._drained and not load.draining:
-            load = dataclasses.replace(load, draining=True)
+        wanted = self._drain_set.get(instance_id)
+        if wanted is not None and load.draining != wanted:
+            load = dataclasses.replace(load, draining=wanted)
         self._states[instance_id] = InstanceState(old.spec, load, max(now, old.last_heartbeat))
         return True
 
     def deregister(self, instance_id: str) -> bool:
         """Remove an instance; False when it was not registered (deregistering twice is harmless)."""
-        self._drained.discard(instance_id)
+        self._drain_set.pop(instance_id, None)
         return self._states.pop(instance_id, None) is not None
 
     def reserve(self, instance_id: str, num_blocks: int) -> None:
@@ -75,12 +78,8 @@ class Registry:
 
     def mark_draining(self, instance_id: str, draining: bool = True) -> None:
         """Take an instance out of routing now, or put it back (its own heartbeats say so too once it
-        got the Drain). Until it is put back, a heartbeat sent before the worker got the Drain does not
-        make it routable again."""
-        if draining:
-            self._drained.add(instance_id)
-        else:
-            self._drained.discard(instance_id)
+        got the Drain). A heartbeat sent before the worker got the Drain (or its cancel) does not undo it."""
+        self._drain_set[instance_id] = draining
         old = self._states.get(instance_id)
         if old is not None:
             self._states[instance_id] = dataclasses.replace(old, load=dataclasses.replace(old.load, draining=draining))

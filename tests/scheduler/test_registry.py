@@ -168,5 +168,5 @@ def test_a_stale_heartbeat_does_not_undo_a_drain():
     registry.heartbeat("d0", WorkerLoad(num_blocks=10, num_free_blocks=10), now=1.0)   # sent before the Drain
     assert registry.get("d0").load.draining
     registry.mark_draining("d0", False)
-    registry.heartbeat("d0", WorkerLoad(num_blocks=10, num_free_blocks=10), now=2.0)
+    registry.heartbeat("d0", WorkerLoad(num_blocks=10, num_free_blocks=10, draining=True), now=2.0)  # before the cancel
     assert not registry.get("d0").load.draining
