@@ -46,7 +46,20 @@ def promql_queries(selector: str) -> dict[str, str]:
             "tpot_met": q(slo, 'slo="tpot",result="met"'), "tpot_total": q(slo, 'slo="tpot"')}
 
 
-class PrometheusSource:
+class Source:
+    """Reads the gateways' totals: `read_now` blocks; `read` (for the slow loop) runs it in a thread."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def read_now(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    async def read(self) -> dict[str, float]:
+        return await asyncio.to_thread(self.read_now)
+
+
+class PrometheusSource(Source):
     """Totals from a Prometheus server's HTTP API (`GET /api/v1/query`)."""
 
     def __init__(self, url: str, selector: str = "") -> None:
@@ -56,10 +69,7 @@ class PrometheusSource:
     def describe(self) -> str:
         return f"Prometheus at {self.url}"
 
-    async def read(self) -> dict[str, float]:
-        return await asyncio.to_thread(self._read)
-
-    def _read(self) -> dict[str, float]:
+    def read_now(self) -> dict[str, float]:
         return {name: self.query(query) for name, query in self.queries.items()}
 
     def query(self, promql: str) -> float:
@@ -79,7 +89,7 @@ class PrometheusSource:
         return float(result[0]["value"][1]) if result else 0.0
 
 
-class ScrapeSource:
+class ScrapeSource(Source):
     """Totals scraped from the gateways' /metrics by the scheduler itself (no Prometheus needed)."""
 
     def __init__(self, urls: Iterable[str]) -> None:
@@ -88,10 +98,7 @@ class ScrapeSource:
     def describe(self) -> str:
         return f"scraping {', '.join(self.urls) or 'nothing'}"
 
-    async def read(self) -> dict[str, float]:
-        return await asyncio.to_thread(self._read)
-
-    def _read(self) -> dict[str, float]:
+    def read_now(self) -> dict[str, float]:
         totals = dict.fromkeys(TOTALS, 0.0)
         for url in self.urls:
             try:

@@ -52,8 +52,11 @@ class TestPrometheus:
     """A `prometheus` process scraping `targets`; a context manager that stops it on exit."""
     __test__ = False        # not a pytest test class despite the name
 
-    def __init__(self, log_folder: Path, targets: list[Target], *, scrape_interval: str = SCRAPE_INTERVAL):
+    def __init__(self, log_folder: Path, targets: list[Target], *, scrape_interval: str = SCRAPE_INTERVAL,
+                 port: int | None = None):
+        """`port`: where to listen (default: a free one), for a service told the URL before it starts."""
         self.log_folder = Path(log_folder)
+        self.port = port
         self.targets = list(targets)
         self.scrape_interval = scrape_interval
         self.url = ""
@@ -68,7 +71,7 @@ class TestPrometheus:
         self._folder = Path(tempfile.mkdtemp(prefix="ferry-prometheus-"))
         config = self._folder / "prometheus.yml"
         config.write_text(json.dumps(self.config(), indent=1))     # JSON is YAML
-        port = free_port()
+        port = self.port or free_port()
         self.url = f"http://127.0.0.1:{port}"
         log = open(self.log_folder / "prometheus.log", "ab")  # noqa: SIM115 (the child owns it)
         self._proc = subprocess.Popen(
