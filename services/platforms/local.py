@@ -229,10 +229,10 @@ def launch(args: argparse.Namespace, stack: Stack) -> Launched:
         scheduler_args += ["--redis-url", f"redis://{h}:{redis_port}/0"]
     scheduler_args += ["--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms)]
     if args.autoscale:
-        profile = args.sim_profile if args.engine == "sim" else "smollm2-135m-cpu"
+        profile = autoscale_profile(args)       # "": the user's --scheduler-arg autoscale-profile=
         scheduler_args += ["--autoscale-interval-s", str(args.autoscale_interval),
                            "--gateway-metrics-urls", f"http://{h}:{args.port}/metrics",
-                           "--autoscale-profile", profile,
+                           *(["--autoscale-profile", profile] if profile else []),
                            "--autoscale-prefill-replicas", f"1:{args.max_prefill}",
                            "--autoscale-decode-replicas", f"1:{args.max_decode}"]
     scheduler_args += scheduler_flags(args.scheduler_arg)      # last: the user's --scheduler-arg wins
@@ -263,6 +263,21 @@ def launch(args: argparse.Namespace, stack: Stack) -> Launched:
     url = f"http://{h}:{args.port}"
     wait_models(url, stack, args.ready_timeout)
     return Launched(url, f"{h}:{scheduler_port}", launcher, workers)
+
+
+def autoscale_profile(args: argparse.Namespace) -> str:
+    """The performance profile the scheduler's goodput model sizes pools with: the sim engine's own, the
+    shipped CPU profile of the small model, or (a GPU) one measured by `ferry profile` and passed as
+    `--scheduler-arg autoscale-profile=PATH` (which wins over this one)."""
+    if args.engine == "sim":
+        return args.sim_profile
+    if args.device == "cpu":
+        return "smollm2-135m-cpu"
+    if not any(a.startswith("autoscale-profile=") for a in args.scheduler_arg):
+        raise ValueError(f"--autoscale on --device {args.device} needs the engine's profile for that device: "
+                         f"`ferry profile --model {args.model} --device {args.device} --out P.yaml`, then "
+                         "--scheduler-arg autoscale-profile=P.yaml")
+    return ""
 
 
 def wait_models(url: str, stack: Stack, timeout: float) -> None:
@@ -301,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         scheduler_flags(args.scheduler_arg)    # a bad key stops here, before anything starts
+        if args.autoscale:
+            autoscale_profile(args)
     except ValueError as e:
         print(f"ferry up: {e}", file=sys.stderr)
         return 2
