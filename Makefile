@@ -6,7 +6,7 @@ MODEL_DIR ?= models/SmolLM2-135M-Instruct
 # Marks a completed dependency install; redone when pyproject.toml changes (or delete it to force).
 STAMP     = $(VENV)/.ferry-install.stamp
 
-.PHONY: install run test test-fast bench lint proto k8s-toolchain e2e e2e-kind images sim-scale sim-experiments
+.PHONY: install run test test-fast bench lint proto k8s-toolchain e2e e2e-kind images sim-scale sim-experiments sim-autoscaling
 
 install: $(STAMP) proto
 	$(PY) -m services.engine.prepare_model --out $(MODEL_DIR)
@@ -73,7 +73,8 @@ bench:
 	HF_HUB_OFFLINE=1 $(PY) bench/serving.py --json bench/out/serving.json
 
 # The cluster simulator (docs/simulator.md). sim-scale: 1,000 instances x the Azure conversation trace at
-# 200x its rate for an hour (3.9 M requests); sim-experiments: docs/benchmarks/simulator.md's runs.
+# 200x its rate for an hour (3.9 M requests); sim-experiments: docs/benchmarks/simulator.md's runs;
+# sim-autoscaling: GPU-hours autoscaled vs static (docs/benchmarks/autoscaling.md, ~5 min on 2 cores).
 TRACES ?= ../shared/data/traces
 sim-scale:
 	$(PY) -m services.cli sim --trace $(TRACES)/azure_llm_2023_conv.csv --config scale-1000 \
@@ -81,6 +82,10 @@ sim-scale:
 
 sim-experiments:
 	$(PY) bench/sim_experiments.py --json bench/out/sim_experiments.json
+
+sim-autoscaling:
+	HF_HUB_OFFLINE=1 $(PY) bench/sim_autoscaling.py --json docs/benchmarks/autoscaling/autoscaling_cpu.json \
+		--plot docs/benchmarks/autoscaling/replicas.png
 
 lint:
 	@if $(PY) -m ruff --version >/dev/null 2>&1; then \

@@ -77,6 +77,8 @@ class SchedulerSettings:
     autoscale_decode_replicas: str = setting("1:16", "MIN:MAX decode replicas the autoscaler recommends")
     autoscale_attainment_target: float = setting(0.95, "a pool below this SLO attainment gets another replica")
     autoscale_headroom: float = setting(1.2, "capacity provisioned per unit of modeled demand")
+    autoscale_prefill_headroom: float = setting(0.0, "the prefill pool's headroom (0 = --autoscale-headroom)")
+    autoscale_decode_headroom: float = setting(0.0, "the decode pool's headroom (0 = --autoscale-headroom)")
     autoscale_scale_up_after_s: float = setting(15.0, "a larger size must be asked for this long before it is "
                                                 "recommended")
     autoscale_scale_down_after_s: float = setting(120.0, "a smaller size must be asked for this long before it "
@@ -146,6 +148,8 @@ class SchedulerSettings:
                                    decode=replica_bounds(self.autoscale_decode_replicas, "decode"),
                                    attainment_target=self.autoscale_attainment_target,
                                    headroom=self.autoscale_headroom,
+                                   prefill_headroom=self.autoscale_prefill_headroom or None,
+                                   decode_headroom=self.autoscale_decode_headroom or None,
                                    scale_up_after_s=self.autoscale_scale_up_after_s,
                                    scale_down_after_s=self.autoscale_scale_down_after_s)
         except ValueError as e:

@@ -12,6 +12,7 @@ Every `autoscale.interval_s` of simulated time, per pool, over the last `autosca
                      instance that serves now
     kv_utilization   decode: mean share of KV blocks in use over the instances that serve now
     replicas         instances paid for and not draining (a starting one counts: it is committed)
+    starting         of those, the ones not serving yet (the policy's feedback waits for them)
 
 The decisions then apply: a scale-up first takes back instances this autoscaler is draining (they
 still serve) and adds the rest, serving `startup_s` later (GPU time counts from the decision). A
@@ -85,7 +86,7 @@ class Autoscaler:
             used = sim.used_blocks()[serving] / spec.engine.num_blocks
             kv = float(used.mean()) if num_serving else None
         return PoolSignals(
-            replicas=int(paid.sum()), demand_rps=demand, capacity_rps=capacity,
+            replicas=int(paid.sum()), starting=int(paid.sum()) - num_serving, demand_rps=demand, capacity_rps=capacity,
             slo_attainment=float(met.mean()) if len(met) else None,
             waiting_per_instance=float(waiting) / num_serving if num_serving else None, kv_utilization=kv)
 

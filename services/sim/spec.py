@@ -204,7 +204,8 @@ def _build(cls: type, data: dict[str, Any], where: str, **given: Any):
     typed = {}
     for f in fields(cls):
         if f.name in data:
-            kind = {"float": float, "int": int, "str": str, "bool": _boolean}[f.type]
+            kind = {"float": float, "int": int, "str": str, "bool": _boolean,
+                    "float | None": float}[f.type]           # an optional float given is a float
             try:
                 value = kind(data[f.name])
             except (TypeError, ValueError) as e:

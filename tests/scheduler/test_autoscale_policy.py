@@ -174,3 +174,62 @@ def test_autoscale_recommendation_holds_while_the_new_replicas_start():
         assert (decisions[0].current, decisions[0].desired) == (2, 3)
     decisions, state = decide(config, {"decode": PoolSignals(replicas=3, slo_attainment=0.5)}, state, 1.0)
     assert decisions[0].desired == 4                                          # up, and still missing
+
+
+def test_autoscale_per_pool_headroom_and_square_root_safety():
+    config = AutoscaleConfig(prefill=PoolBounds(1, 100), decode=PoolBounds(1, 100), headroom=1.4,
+                             decode_headroom=1.1, prefill_headroom=1.0, prefill_safety=2.0, scale_up_after_s=0)
+    signals = {"prefill": PoolSignals(replicas=1, demand_rps=16.0, capacity_rps=1.0),    # 16 + 2 * 4 = 24
+               "decode": PoolSignals(replicas=1, demand_rps=10.0, capacity_rps=1.0)}     # 10 * 1.1 = 11
+    decisions = run(signals, [0.0], config)[0]
+    assert (decisions["prefill"].target, decisions["decode"].target) == (24, 11)
+    assert (config.pool_headroom("prefill"), config.pool_headroom("decode")) == (1.0, 1.1)
+    shared = AutoscaleConfig(headroom=1.3, safety=1.0)        # unset per-pool values fall back to the shared ones
+    assert [shared.provision(pool, 9.0) for pool in ("prefill", "decode")] == [15, 15]   # ceil(11.7 + 3)
+
+
+@pytest.mark.parametrize("kwargs", [{"prefill_headroom": 0.9}, {"decode_headroom": 0.5}, {"safety": -1},
+                                    {"decode_safety": -0.1}, {"trend_window_s": -1}, {"trend_horizon_s": -5}])
+def test_autoscale_config_refuses_bad_per_pool_and_trend_values(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        AutoscaleConfig(**kwargs)
+
+
+def test_autoscale_feedback_waits_for_starting_replicas_instead_of_winding_up():
+    """An SLO miss while replicas still start keeps the pool (no scale-down), but asks for no more: one
+    more per interval until they serve would overshoot by a start-up's worth of intervals."""
+    config = AutoscaleConfig(decode=PoolBounds(1, 50), scale_up_after_s=0, scale_down_after_s=0)
+    starting = PoolSignals(replicas=6, demand_rps=1.0, capacity_rps=1.0, slo_attainment=0.5, starting=2)
+    d = run({"decode": starting}, [0.0, 5.0, 10.0], config)[-1]["decode"]
+    assert (d.target, d.desired, d.reason) == (6, 6, "slo")
+    serving = PoolSignals(replicas=6, demand_rps=1.0, capacity_rps=1.0, slo_attainment=0.5)
+    assert run({"decode": serving}, [0.0], config)[0]["decode"].desired == 7
+
+
+def test_autoscale_trend_projects_a_rising_need_ahead_and_never_a_falling_one():
+    config = AutoscaleConfig(prefill=PoolBounds(1, 100), headroom=1.0, trend_window_s=30, trend_horizon_s=60,
+                             scale_up_after_s=0, scale_down_after_s=1000)
+    state, targets = AutoscaleState(), []
+    for k, t in enumerate(range(0, 35, 5)):                # the need climbs 1 instance per 5 s: 0.2/s
+        decisions, state = decide(config, {"prefill": PoolSignals(10, demand_rps=10.0 + k, capacity_rps=1.0)},
+                                  state, float(t))
+        targets.append(decisions[0].target)
+    assert targets[:3] == [10, 11, 12]                     # history shorter than half the window: no trend
+    assert targets[-1] == 16 + 12                          # 16 now + 0.2/s x 60 s
+    assert all(now - t < 30 for t, _ in state.history["prefill"] for now in [30.0])
+    falling = AutoscaleState()
+    for k, t in enumerate(range(0, 35, 5)):
+        decisions, falling = decide(config, {"prefill": PoolSignals(30, demand_rps=30.0 - k, capacity_rps=1.0)},
+                                    falling, float(t))
+    assert decisions[0].target == 24                       # the need as it is
+    off = run({"prefill": PoolSignals(10, demand_rps=16.0, capacity_rps=1.0)}, [0.0, 5.0, 10.0, 15.0, 20.0],
+              AutoscaleConfig(prefill=PoolBounds(1, 100), headroom=1.0))
+    assert off[-1]["prefill"].target == 16                 # no trend window: no projection, no history
+
+
+def test_scheduler_settings_pass_per_pool_headroom_and_zero_means_the_shared_one():
+    from services.scheduler.main import SchedulerSettings
+    config = SchedulerSettings(autoscale_headroom=1.3, autoscale_decode_headroom=1.1).autoscale_config()
+    assert (config.pool_headroom("prefill"), config.pool_headroom("decode")) == (1.3, 1.1)
+    with pytest.raises(ValueError, match="prefill_headroom"):
+        SchedulerSettings(autoscale_prefill_headroom=0.5)

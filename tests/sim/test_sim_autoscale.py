@@ -104,6 +104,8 @@ def test_same_seed_same_results_with_autoscaling() -> None:
     ({"enabld": True}, "unknown keys ['enabld']"),
     ({"decode": {"max": 3}}, "autoscale.decode: unknown keys ['max']"),
     ({"headroom": 0.5}, "headroom 0.5"),
+    ({"decode_headroom": 0.5}, "decode_headroom 0.5"),
+    ({"prefill_safety": "lots"}, "autoscale.prefill_safety"),
     ({"enabled": "yes"}, "autoscale.enabled"),
     ({"interval_s": 0}, "interval_s"),
     ({"decode": {"min_replicas": 4, "max_replicas": 2}}, "replica bounds"),
@@ -124,6 +126,23 @@ def test_autoscaling_colocated_pools_is_an_error_and_set_reaches_the_section() -
     s = spec_from_mapping(data)
     assert s.autoscale.enabled and s.autoscale.policy.decode.max_replicas == 40
     assert s.autoscale.policy.headroom == 1.5 and s.autoscale.policy.prefill.max_replicas == 16
+    per_pool = spec_from_mapping(load_config("llama3-8b-h100-disagg", [
+        "autoscale.enabled=true", "autoscale.decode_headroom=1.1", "autoscale.prefill_safety=1",
+        "autoscale.trend_window_s=30"])).autoscale.policy
+    assert (per_pool.pool_headroom("decode"), per_pool.pool_headroom("prefill")) == (1.1, per_pool.headroom)
+    assert (per_pool.pool_safety("prefill"), per_pool.pool_safety("decode"), per_pool.trend_window_s) == (1.0, 0.0, 30.0)
+
+
+def test_the_policy_is_told_which_replicas_still_start() -> None:
+    """Instances added during the run count in `replicas` from the decision and in `starting` until they
+    serve, so the policy's feedback waits for them rather than adding one per interval."""
+    from services.sim.autoscaler import Autoscaler
+    from services.sim.simulator import Simulator
+    sim = Simulator(spec(), steps((10.0, 30.0)))
+    sim.add_instances(sim.spec.pools[1], 3, serving_at=40.0)
+    signals = Autoscaler(sim).signals(1, now=20.0)
+    assert (signals.replicas, signals.starting) == (4, 3)
+    assert Autoscaler(sim).signals(1, now=45.0).starting == 0
 
 
 def test_a_short_multiplier_spread_keeps_the_rate_curve_an_autoscaler_follows() -> None:
