@@ -12,6 +12,10 @@ on the wall clock: `step` sleeps whatever the model says is left after the bookk
     step seconds = overhead + max(compute, memory)
     compute      = (2 * params * tokens + 4 * layers * hidden * sum(context of each token)) / flops
     memory       = (weight_bytes + kv_bytes_per_token * sum(context read)) / memory_bandwidth
+
+`clock_ratio` (SM clock / its maximum, 1 = uncapped) is set by the worker's simulated GPU when a power
+cap locks the clock: compute then takes 1/ratio longer, memory barely longer (sim_profile.py), so a cap
+costs latency as it would on a GPU.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ class SimEngine(BaseEngine):
         self.realtime = realtime           # pace steps on the wall clock (sleep the modeled remainder)
         self.clock = 0.0                   # virtual seconds since start
         self.last_step_seconds = 0.0
+        self.clock_ratio = 1.0             # SM clock / maximum: a float written by the power backend
         num_blocks = num_blocks or config.num_blocks or 4096
         layout = KVLayout(model_id=f"sim:{profile.name}", block_size=config.block_size, **SIM_LAYOUT)
         max_model_len = min(profile.max_model_len, config.max_model_len or profile.max_model_len)
@@ -57,7 +62,7 @@ class SimEngine(BaseEngine):
         return outputs
 
     def execute(self, scheduled: SchedulerOutput) -> list[int]:
-        self.last_step_seconds = self.profile.step_seconds(scheduled)
+        self.last_step_seconds = self.profile.step_seconds(scheduled, self.clock_ratio)
         self.clock += self.last_step_seconds
         return [self.placeholder_token(c.seq.seed, c.seq.num_output_tokens)
                 for c in scheduled.chunks if c.samples]

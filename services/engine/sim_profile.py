@@ -4,6 +4,9 @@ simulator use it (no torch here: `ferry sim` loads profiles without the engine).
     step seconds = overhead + max(compute, memory)
     compute      = (2 * params * tokens + 4 * layers * hidden * sum(context of each token)) / flops
     memory       = (weight_bytes + kv_bytes_per_token * sum(context read)) / memory_bandwidth
+
+At an SM clock below the maximum (a power cap), compute takes f_max / f longer and memory only
+(f_max / f) ** 0.1 longer (services/common/gpu_power.py).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import yaml
 
+from services.common.gpu_power import MEMORY_CLOCK_EXPONENT, StepCost
 from services.common.named_yaml import find_yaml
 
 if TYPE_CHECKING:
@@ -48,16 +52,30 @@ class SimProfile:
         types = {"float": float, "int": int, "str": str}
         return cls(**{f.name: types[f.type](data[f.name]) for f in fields(cls) if f.name in data})
 
-    def step_seconds(self, step: SchedulerOutput) -> float:
+    def step_seconds(self, step: SchedulerOutput, clock_ratio: float = 1.0) -> float:
         context_read = sum(c.start + c.num_tokens for c in step.chunks)
         # Every new token attends on average to half of its chunk plus the cached tokens before it.
         attended = sum(c.num_tokens * (c.start + (c.num_tokens + 1) / 2) for c in step.chunks)
-        return float(self.seconds(step.num_tokens, attended, context_read))
+        return float(self.seconds(step.num_tokens, attended, context_read, clock_ratio))
 
-    def seconds(self, tokens, attended, context_read):
+    def seconds(self, tokens, attended, context_read, clock_ratio: float = 1.0):
         """The model on numbers or numpy arrays alike (the cluster simulator times every instance's step
-        at once): `tokens` computed, `attended` token pairs of attention, `context_read` KV tokens read."""
+        at once): `tokens` computed, `attended` token pairs of attention, `context_read` KV tokens read;
+        `clock_ratio` is the SM clock over its maximum (1: uncapped)."""
+        compute, memory = self._roofline(tokens, attended, context_read)
+        if clock_ratio != 1.0:
+            compute = compute / clock_ratio
+            memory = memory / clock_ratio ** MEMORY_CLOCK_EXPONENT
+        return self.step_overhead_s + np.maximum(compute, memory)
+
+    def decode_cost(self, num_requests: int, num_context_tokens: int) -> StepCost:
+        """A decode step of `num_requests` requests holding `num_context_tokens` tokens in all, at the
+        maximum clock, split for the power model (the controller predicts TPOT at lower clocks from it)."""
+        compute, memory = self._roofline(num_requests, num_context_tokens, num_context_tokens)
+        return StepCost(compute_s=float(compute), memory_s=float(memory), overhead_s=self.step_overhead_s)
+
+    def _roofline(self, tokens, attended, context_read):
+        """(compute seconds, memory seconds) at the maximum clock."""
         compute = (2 * self.num_params * tokens + 4 * self.num_layers * self.hidden_size * attended) / self.flops
         weights = self.weight_bytes or 2 * self.num_params
-        memory = (weights + self.kv_bytes_per_token * context_read) / self.memory_bandwidth
-        return self.step_overhead_s + np.maximum(compute, memory)
+        return compute, (weights + self.kv_bytes_per_token * context_read) / self.memory_bandwidth
