@@ -8,8 +8,11 @@
                  ferry_worker_draining            gauge   1 while drained (Drain RPC), else 0
                  ferry_worker_preemptions_total   counter requests preempted for KV room
                  ferry_worker_kv_transfer_*, ferry_worker_prefix_cache_*   counted as they happen (metrics.py)
-                 ferry_worker_gpu_power_watts        gauge    modelled power (sim engine only, power.py)
-                 ferry_worker_gpu_energy_joules_total counter modelled energy since the start (sim only)
+                 ferry_worker_gpu_power_watts          gauge    GPU power (NVML, or modelled: power.py)
+                 ferry_worker_gpu_energy_joules_total  counter  GPU energy since the worker started
+                 ferry_worker_gpu_power_limit_watts    gauge    the power limit in force
+                 ferry_worker_gpu_sm_clock_hertz       gauge    SM clock now
+                 ferry_worker_gpu_sm_clock_cap_hertz   gauge    the locked maximum SM clock (0: none)
     /healthz   200 while the process serves and its engine thread lives; 503 once that thread died.
     /readyz    200 when the gRPC server is up, the worker is registered with its scheduler (or runs
                stand-alone) and it is not draining; else 503 and the reason on one line. A drained
@@ -43,7 +46,7 @@ class WorkerProbe:
         self.is_standalone = is_standalone
         self.servicer = None            # the WorkerServicer, once the gRPC server is up
         self.is_stopping = False
-        self.power = None               # a LinearPowerModel where the worker models its GPU's power
+        self.power = None               # the GPU power backend (power.py), where the worker has one
         self._beats: tuple[float, float] | None = None    # monotonic times of the last two heartbeats
 
     def heartbeat_load(self, load: Callable[[], common_pb2.WorkerLoad]) -> Callable[[], common_pb2.WorkerLoad]:
@@ -105,10 +108,16 @@ class WorkerCollector:
                                   value=stats.get("num_preemptions", 0))
         yield from servicer.metrics.collect()
         if self.probe.power is not None:
-            watts, joules = self.probe.power.read()
-            yield GaugeMetricFamily("ferry_worker_gpu_power_watts", "GPU power draw", value=watts)
+            gpu = self.probe.power.read()
+            yield GaugeMetricFamily("ferry_worker_gpu_power_watts", "GPU power draw", value=gpu.power_watts)
             yield CounterMetricFamily("ferry_worker_gpu_energy_joules", "GPU energy used since the worker started",
-                                      value=joules)
+                                      value=gpu.energy_joules)
+            yield GaugeMetricFamily("ferry_worker_gpu_power_limit_watts", "GPU power limit in force",
+                                    value=gpu.power_limit_watts)
+            yield GaugeMetricFamily("ferry_worker_gpu_sm_clock_hertz", "GPU SM clock now",
+                                    value=gpu.clock_mhz * 1e6)
+            yield GaugeMetricFamily("ferry_worker_gpu_sm_clock_cap_hertz", "Locked maximum SM clock of the "
+                                    "GPU (0: none)", value=(gpu.clock_cap_mhz or 0.0) * 1e6)
 
 
 def serve_http(probe: WorkerProbe, host: str, port: int) -> ThreadingHTTPServer:

@@ -21,14 +21,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.gpu_power import gpu_spec
 from services.common.grpc_util import aio_server, bind
 from services.common.lifecycle import run_service
 from services.common.settings import parse_settings, setting
 from services.gen.ferry.v1 import common_pb2, worker_pb2_grpc
+from services.worker.power import PowerControl
 
 log = logging.getLogger("ferry.worker")
 ROLES = {"prefill": common_pb2.ROLE_PREFILL, "decode": common_pb2.ROLE_DECODE, "both": common_pb2.ROLE_BOTH}
 ENGINES = ("llm", "sim")
+POWER_BACKENDS = ("auto", "simulated", "nvml", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,13 @@ class WorkerSettings:
     sim_num_blocks: int = setting(0, "sim engine: KV blocks (0: the engine's default, 4096)")
     gpu_idle_watts: float = setting(100.0, "sim engine: modelled GPU power when idle (H100 SXM)")
     gpu_peak_watts: float = setting(700.0, "sim engine: modelled GPU power when busy all the time (H100 SXM)")
+    gpu_model: str = setting("h100-sxm", "simulated GPU: its clock range (h100-sxm or h200-sxm; "
+                             "services/common/gpu_power.py)")
+    power_backend: str = setting("auto", "GPU power backend: auto (sim engine: simulated, CUDA: nvml, CPU: "
+                                 "none), simulated, nvml or none")
+    power_control: str = setting("off", "what the scheduler's SetPowerCap may change on a real GPU: off (read "
+                                 "only), clocks (lock the SM clock) or power-limit; both need root. The "
+                                 "simulated GPU always takes caps")
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -76,6 +86,12 @@ class WorkerSettings:
         if not 0 <= self.gpu_idle_watts <= self.gpu_peak_watts:
             raise ValueError(f"need 0 <= gpu_idle_watts ({self.gpu_idle_watts}) <= gpu_peak_watts "
                              f"({self.gpu_peak_watts}): set --gpu-idle-watts and --gpu-peak-watts")
+        if self.power_backend not in POWER_BACKENDS:
+            raise ValueError(f"power_backend {self.power_backend!r}: use one of {', '.join(POWER_BACKENDS)}")
+        if self.power_control not in {c.value for c in PowerControl}:
+            raise ValueError(f"power_control {self.power_control!r}: use one of "
+                             f"{', '.join(c.value for c in PowerControl)}")
+        gpu_spec(self.gpu_model)
         if not -1 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port {self.metrics_port}: use -1 (off), 0 (any free port) or a port")
 
@@ -91,6 +107,30 @@ def engine_config(s: WorkerSettings):
                         max_num_batched_tokens=s.max_num_batched_tokens, max_model_len=s.max_model_len or None,
                         enable_prefix_caching=s.enable_prefix_caching, model_id=s.model_name,
                         gpu_memory_utilization=s.gpu_memory_utilization, load_format=s.load_format)
+
+
+def power_backend(s: WorkerSettings, servicer):
+    """The worker's GPU power backend, or None (a CPU worker)."""
+    from services.worker.power import simulated_gpu
+    kind = s.power_backend
+    if kind == "auto":
+        kind = "simulated" if s.engine == "sim" else "nvml" if s.device.startswith("cuda") else "none"
+    if kind == "none":
+        return None
+    if kind == "nvml":
+        from services.worker.nvml_gpu import NvmlGpu
+        try:
+            return NvmlGpu(s.device, PowerControl(s.power_control))
+        except Exception as e:    # pynvml's NVMLError, a missing driver: serve without readings
+            if s.power_backend == "nvml":
+                raise RuntimeError(f"--power-backend nvml: {e}") from e
+            log.warning("no GPU power readings (NVML: %s); pass --power-backend none to silence this", e)
+            return None
+
+    def on_clock(ratio: float) -> None:      # a sim engine's steps slow with the clock (a float write)
+        if hasattr(servicer.engine, "clock_ratio"):
+            servicer.engine.clock_ratio = ratio
+    return simulated_gpu(servicer.loop.busy, gpu_spec(s.gpu_model), s.gpu_idle_watts, s.gpu_peak_watts, on_clock)
 
 
 def build_engine(s: WorkerSettings):
@@ -115,7 +155,6 @@ def build_engine(s: WorkerSettings):
 async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
     from services.kvstore.client import KVStoreClient
     from services.worker.http_endpoint import WorkerProbe, serve_http
-    from services.worker.power import LinearPowerModel
     from services.worker.registration import keep_registered
     from services.worker.servicer import WorkerServicer
 
@@ -140,8 +179,9 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
     servicer = WorkerServicer(engine, instance_id=instance_id, role=ROLES[s.role], kvstore=kvstore,
                               address=address)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
-    if s.engine == "sim":       # no GPU to read: model its power from the steps' busy time
-        probe.power = LinearPowerModel(servicer.loop.busy, s.gpu_idle_watts, s.gpu_peak_watts)
+    servicer.gpu = probe.power = power_backend(s, servicer)
+    if servicer.gpu is not None:
+        log.info("GPU power: %s backend, power control %s", servicer.gpu.name, servicer.gpu.control.value)
     servicer.loop.start()
     await server.start()
     probe.servicer = servicer

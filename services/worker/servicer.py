@@ -7,6 +7,7 @@
     PushKV   -> (decode role) import stages; the request resumes decoding after the final one.
     Migrate  -> (decode role) live-migrate a decoding request to another decode worker (migration.py).
     Abort / Drain / Stats.
+    SetPowerCap -> hand the scheduler's power cap to the GPU backend (power.py; read-only unless allowed).
 
 Tokens of every request this worker runs go to its gateway's TokenSink, one batch per step.
 """
@@ -34,6 +35,7 @@ from services.worker.handoff import StepResult, Tracked, after_step
 from services.worker.kv_stream import StageQueue, read_stages
 from services.worker.metrics import WorkerMetrics
 from services.worker.migration import MigrationFailed, migrate
+from services.worker.power import GpuBackend, PowerControl
 from services.worker.requests import sampling_params, validate_prefill
 from services.worker.token_pusher import TokenPusher
 
@@ -80,6 +82,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.moved: OrderedDict[str, str] = OrderedDict()       # request id -> where it migrated to
         self.pusher = TokenPusher(address)
         self.metrics = WorkerMetrics()
+        self.gpu: GpuBackend | None = None          # the power backend, where the worker has one
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.loop = EngineLoop(engine, asyncio.get_running_loop(),
                                lambda eng, outs: after_step(eng, outs, self.tracked, self.kvstore is not None),
@@ -400,7 +403,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.DrainReply(num_remaining=len(self.flights))
 
     async def Stats(self, request, context) -> worker_pb2.WorkerStats:
-        return worker_pb2.WorkerStats(instance_id=self.instance_id, role=self.role, load=self.load())
+        gpu = await asyncio.to_thread(self.gpu_power) if self.gpu is not None else None
+        return worker_pb2.WorkerStats(instance_id=self.instance_id, role=self.role, load=self.load(), gpu=gpu)
+
+    async def SetPowerCap(self, request: worker_pb2.PowerCapRequest, context) -> worker_pb2.PowerCapReply:
+        if self.gpu is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.instance_id} has no GPU "
+                                "power backend (a CPU worker)")
+        clock, watts = request.clock_mhz or None, request.watts or None
+        try:    # NVML calls block (ms): off the event loop
+            applied = await asyncio.to_thread(self.gpu.apply, clock, watts)
+        except PermissionError as e:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+        except (ValueError, RuntimeError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError)
+                                else grpc.StatusCode.UNAVAILABLE, str(e))
+        log.info("power cap (%s): %s", request.reason or "no reason given", applied)
+        return worker_pb2.PowerCapReply(applied=applied, gpu=await asyncio.to_thread(self.gpu_power))
+
+    def gpu_power(self) -> worker_pb2.GpuPower:
+        r = self.gpu.read()
+        return worker_pb2.GpuPower(power_watts=r.power_watts, energy_joules=r.energy_joules,
+                                   power_limit_watts=r.power_limit_watts, clock_mhz=r.clock_mhz,
+                                   max_clock_mhz=r.max_clock_mhz, clock_cap_mhz=r.clock_cap_mhz or 0.0,
+                                   backend=self.gpu.name, can_cap=self.gpu.control is not PowerControl.OFF)
 
     def load(self) -> common_pb2.WorkerLoad:
         s = self.loop.stats
@@ -438,6 +464,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def close(self) -> None:
         self.loop.stop()
+        if self.gpu is not None:
+            self.gpu.close()
         await self.pusher.close()
         for channel in self._channels.values():
             await channel.close()
