@@ -17,9 +17,10 @@ Calibration (what is published, and what is assumed):
     clock 1980 MHz; supported graphics clocks down to 345 MHz, power-limit range 200..700 W
     (`nvidia-smi -q -d SUPPORTED_CLOCKS,POWER` on an H100 SXM5).
   * H200 SXM: "up to 700 W (configurable)", the same power envelope as the H100 SXM (NVIDIA H200
-    datasheet), same clock range. The idle figure is the one read through NVML on an H200 SXM for this
-    change (docs/power.md, "Measured": ~75-80 W with a model loaded and no work).
-  * Idle: 60-100 W on an H100/H200 SXM with nothing running; 70 W (H100) and 78 W (H200) here.
+    datasheet), same clock range. Read through NVML on an H200 (driver 580.159.04) for this change
+    (docs/power.md, "Measured"): 77.8 W with nothing running (SM at 345 MHz), limits 200..700 W,
+    SM clock max 1980 MHz; 119 W with a worker's CUDA context up and no work (SM at 1980 MHz).
+  * Idle: 60-100 W on an H100/H200 SXM with nothing running; 70 W (H100, assumed) and 78 W (H200, read).
   * Memory-bound decode draws far less than the TDP: 137-300 W on an H200 across four attention
     families (Ma et al., "The Illusion of Power Capping in LLM Decode", arXiv 2605.11999, 2026); the
     simulated backend does not model the intensity of the work (a fully busy step draws `peak`

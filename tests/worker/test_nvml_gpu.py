@@ -157,7 +157,7 @@ def test_nvml_readings_while_a_cuda_worker_generates(tmp_path):
     sink.add_insecure_port(f"127.0.0.1:{sink_port}")
     sink.start()
     port, metrics_port = free_port(), free_port()
-    proc = start(["serve", "both", "--model", str(model), *dummy, "--device", "cuda", "--dtype", "bfloat16",
+    proc = start(["serve", "decode", "--role", "both", "--model", str(model), *dummy, "--device", "cuda", "--dtype", "bfloat16",
                   "--gpu-memory-utilization", "0.2", "--max-num-seqs", "128", "--port", str(port),
                   "--metrics-port", str(metrics_port)], log=tmp_path / "worker.log")
     gpu = NvmlGpu("cuda")                                   # read only: PowerControl.OFF
