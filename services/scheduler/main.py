@@ -3,6 +3,7 @@
     registry (restored from Redis if --redis-url) ─▶ SchedulerService on grpc.aio ─▶ :port
     sweeper task (every heartbeat interval) · Redis flusher task · /metrics on --metrics-port
     migrator task (live migration) · autoscaler task (--autoscale-interval-s; Prometheus or scraping)
+    power controller task (--power-budget-watts > 0 and --power-interval-s > 0; Worker.Stats/SetPowerCap)
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from services.common.gpu_power import gpu_spec
 from services.common.grpc_util import aio_server, bind
 from services.common.lifecycle import run_service
 from services.common.settings import parse_settings, setting
@@ -25,6 +27,8 @@ from services.scheduler.policies import load_policy
 from services.scheduler.policies.autoscale import AutoscaleConfig, PoolBounds
 from services.scheduler.policies.compiled import warm_up
 from services.scheduler.policies.migration import MigrationConfig
+from services.scheduler.policies.power import PowerConfig
+from services.scheduler.power_controller import PowerController
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.registry import Registry
 from services.scheduler.server import SchedulerService
@@ -84,8 +88,23 @@ class SchedulerSettings:
     autoscale_scale_down_after_s: float = setting(120.0, "a smaller size must be asked for this long before it "
                                                   "is recommended (one replica at a time, drained first)")
     autoscale_max_num_seqs: int = setting(256, "the decode workers' max_num_seqs (bounds the goodput model)")
-    power_budget_watts: float = setting(0.0, "the cluster's GPU power budget, exported for dashboards and "
-                                        "alerts (0 = none)")
+    power_budget_watts: float = setting(0.0, "the cluster's GPU power budget: exported for dashboards and "
+                                        "alerts, and kept by the power controller (0 = none)")
+    power_interval_s: float = setting(5.0, "how often the power controller reads the workers' GPU power and "
+                                      "caps (0 = off; it runs only with a budget)")
+    power_threshold1: float = setting(0.90, "share of the budget past which the low-priority pools are capped "
+                                      "(POLCA threshold 1)")
+    power_threshold2: float = setting(0.95, "share of the budget past which every pool is capped (threshold 2); "
+                                      "over the budget: every GPU to the clock that fits")
+    power_low_priority_pools: str = setting("decode", "pools capped first (comma-separated: prefill, decode, "
+                                            "both)")
+    power_uncap_margin: float = setting(0.05, "uncap once power is this share of the budget below threshold 1 "
+                                        "...")
+    power_uncap_after_s: float = setting(30.0, "... and has stayed there this long (one priority group at a "
+                                         "time, high first)")
+    power_gpu: str = setting("h100-sxm", "the workers' GPU type: clock range and power model (h100-sxm, "
+                             "h200-sxm)")
+    power_default_clock_mhz: float = setting(1410.0, "cap of instances without a TPOT model (prefill pools)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -125,6 +144,9 @@ class SchedulerSettings:
             raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be > 0")
         if self.power_budget_watts < 0:
             raise ValueError(f"--power-budget-watts must be >= 0 (0 = none), got {self.power_budget_watts}")
+        if self.power_interval_s < 0:
+            raise ValueError(f"--power-interval-s must be >= 0 (0 = off), got {self.power_interval_s}")
+        self.power_config(budget_watts=1.0)   # thresholds, pools, GPU (a ValueError names the setting)
         self.autoscale_config()               # bounds and fractions (a ValueError names the setting)
         try:
             SimProfile.load(self.autoscale_profile)
@@ -163,6 +185,20 @@ class SchedulerSettings:
         return Autoscaler(registry, source, self.autoscale_config(), SimProfile.load(self.autoscale_profile),
                           Slo(self.slo_ttft_ms / 1000, self.slo_tpot_ms / 1000), interval_s=self.autoscale_interval_s,
                           window_s=self.autoscale_window_s, metrics=metrics, max_num_seqs=self.autoscale_max_num_seqs)
+
+    def power_config(self, budget_watts: float | None = None) -> PowerConfig:
+        pools = frozenset(p.strip() for p in self.power_low_priority_pools.split(",") if p.strip())
+        if not pools <= {"prefill", "decode", "both"}:
+            raise ValueError(f"--power-low-priority-pools {self.power_low_priority_pools!r}: use some of "
+                             "prefill, decode, both")
+        try:
+            return PowerConfig(budget_watts=budget_watts or self.power_budget_watts, gpu=gpu_spec(self.power_gpu),
+                               threshold1=self.power_threshold1, threshold2=self.power_threshold2,
+                               low_priority_pools=pools, uncap_margin=self.power_uncap_margin,
+                               uncap_after_s=self.power_uncap_after_s, tpot_slo_s=self.slo_tpot_ms / 1000,
+                               default_clock_mhz=self.power_default_clock_mhz)
+        except ValueError as e:
+            raise ValueError(f"power (--power-*): {e}") from None
 
     def migration_config(self) -> MigrationConfig:
         return MigrationConfig(**{name: name in self.policy_names for name in MIGRATION_POLICIES},
@@ -221,6 +257,10 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         tasks.append(asyncio.create_task(migrator.run(stop)))
     if autoscaler is not None:
         tasks.append(asyncio.create_task(autoscaler.run(stop)))
+    if settings.power_budget_watts > 0 and settings.power_interval_s > 0:
+        power = PowerController(registry, settings.power_config(), SimProfile.load(settings.autoscale_profile),
+                                metrics, interval_s=settings.power_interval_s)
+        tasks.append(asyncio.create_task(power.run(stop)))
     if persistence is not None:
         tasks.append(asyncio.create_task(persistence.run_flusher(stop)))
     try:

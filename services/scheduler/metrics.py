@@ -17,6 +17,12 @@
                                                         the demand and per-instance goodput it sized by
     ferry_scheduler_telemetry_errors_total              failed reads of Prometheus or the gateways' /metrics
     ferry_scheduler_power_budget_watts                  the cluster's GPU power budget (0 = none)
+    ferry_scheduler_power_watts                         GPU power the power controller last read (sum)
+    ferry_scheduler_power_level                         0 normal, 1 past threshold 1, 2 past threshold 2, 3 over
+    ferry_scheduler_power_caps{pool, reason}            GPUs capped now, by pool and the level that capped them
+    ferry_scheduler_power_cap_changes_total{pool, reason}   SetPowerCap calls that changed a cap (reason: the
+                                                        level, or uncap)
+    ferry_scheduler_power_cap_errors_total              failed SetPowerCap calls
 """
 from __future__ import annotations
 
@@ -77,6 +83,18 @@ class SchedulerMetrics:
                                         "gateways' /metrics by the autoscaler", registry=self.registry)
         self.power_budget = Gauge("ferry_scheduler_power_budget_watts", "GPU power budget of the cluster "
                                   "(0 = none)", registry=self.registry)
+        self.power_watts = Gauge("ferry_scheduler_power_watts", "GPU power of the instances the power "
+                                 "controller read last round (sum)", registry=self.registry)
+        self.power_level = Gauge("ferry_scheduler_power_level", "Power controller level: 0 normal, 1 past "
+                                 "threshold 1, 2 past threshold 2, 3 over the budget", registry=self.registry)
+        self.power_caps = Gauge("ferry_scheduler_power_caps", "GPUs capped now, by pool and the level that "
+                                "capped them (threshold1|threshold2|emergency)", ["pool", "reason"],
+                                registry=self.registry)
+        self.power_cap_changes = Counter("ferry_scheduler_power_cap_changes", "Power caps applied to workers, by "
+                                         "pool and reason (threshold1|threshold2|emergency|uncap)",
+                                         ["pool", "reason"], registry=self.registry)
+        self.power_cap_errors = Counter("ferry_scheduler_power_cap_errors", "Failed SetPowerCap calls",
+                                        registry=self.registry)
         self.migration_bytes = Counter("ferry_scheduler_migration_bytes", "KV bytes moved by live migrations",
                                        ["reason"], registry=self.registry)
 
@@ -100,6 +118,17 @@ class SchedulerMetrics:
         if decision.desired != decision.current and decision.desired != previous_desired:
             direction = "up" if decision.desired > decision.current else "down"
             self.autoscaler_decisions.labels(pool=pool, direction=direction, reason=decision.reason).inc()
+
+    def observe_power(self, decision) -> None:
+        """The power controller's round (a policies.power.PowerDecision)."""
+        self.power_watts.set(decision.total_watts)
+        self.power_level.set(("normal", "threshold1", "threshold2", "emergency").index(decision.level.value))
+        counts: dict[tuple[str, str], int] = {}
+        for cap in decision.caps:
+            counts[(cap.pool, cap.reason)] = counts.get((cap.pool, cap.reason), 0) + 1
+        for pool in ("prefill", "decode", "both"):
+            for reason in ("threshold1", "threshold2", "emergency"):
+                self.power_caps.labels(pool=pool, reason=reason).set(counts.get((pool, reason), 0))
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server (a daemon thread); returns the bound port."""
