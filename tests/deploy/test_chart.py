@@ -273,3 +273,20 @@ def test_inference_cluster_validates_against_the_crd(variant):
     errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(ic)]
     assert not errors, errors
     assert not unknown_fields(ic["spec"], schema["properties"]["spec"])
+
+
+@pytest.mark.parametrize("args, env", [
+    ((), None),
+    (("--set", "gpu.powerControl=clocks"), "clocks"),
+    (("--set", "gpu.powerControl=power-limit", "--set-json",
+      'cluster.pools.decode.env=[{"name":"FERRY_WORKER_POWER_CONTROL","value":"off"}]'), "off"),
+], ids=["default-read-only", "clocks", "pool-env-wins"])
+def test_gpu_power_control_reaches_the_workers_env(args, env):
+    pools = one(render(*args), "InferenceCluster")["spec"]["pools"]
+    found = [e["value"] for e in pools["decode"].get("env", []) if e["name"] == "FERRY_WORKER_POWER_CONTROL"]
+    assert found == ([] if env is None else [env])
+
+
+def test_gpu_power_control_is_checked_by_the_schema():
+    with pytest.raises(Exception, match="powerControl|clock"):
+        render("--set", "gpu.powerControl=turbo")
