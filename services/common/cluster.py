@@ -176,7 +176,8 @@ class MigrationReason(enum.Enum):
     LOAD_BALANCE = "load_balance"          # from the least free instance to the most free
     DEFRAGMENTATION = "defragmentation"    # make room for a queued request that fits nowhere
     PRIORITY = "priority"                  # restore headroom for high-priority requests
-    DRAIN = "drain"                        # empty an instance (scale-down, preemption)
+    DRAIN = "drain"                        # empty an instance (scale-down, an admin's drain)
+    PREEMPTION = "preemption"              # off an instance a cloud reclaims at a deadline (preemption.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,12 +67,15 @@ class MigrationConfig:
                 raise ValueError(f"{name} is {getattr(self, name)}; set it to >= 0")
 
 
-def plan_migrations(snapshot: ClusterSnapshot, config: MigrationConfig,
-                    in_flight: frozenset[str] = frozenset()) -> tuple[Migration, ...]:
-    """One round of migration decisions (see the module docstring for the order and the rules)."""
-    ledger = RoundLedger(snapshot, in_flight, config.growth_margin_tokens)
+def plan_migrations(snapshot: ClusterSnapshot, config: MigrationConfig, in_flight: frozenset[str] = frozenset(),
+                    ledger: RoundLedger | None = None) -> tuple[Migration, ...]:
+    """One round of migration decisions (see the module docstring for the order and the rules). A
+    `ledger` the preemption planner started (preemption.py) carries its moves in; the instances it
+    evacuates are not drained again."""
+    ledger = ledger or RoundLedger(snapshot, in_flight, config.growth_margin_tokens)
     if config.drain:
-        for instance_id in [i for i, instance in ledger.instances.items() if instance.load.draining]:
+        for instance_id in [i for i, instance in ledger.instances.items()
+                            if instance.load.draining and i not in ledger.evacuating]:
             _drain_instance(ledger, instance_id)
     if config.priority:
         _restore_priority_headroom(ledger, config)

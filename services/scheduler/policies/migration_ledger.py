@@ -56,15 +56,17 @@ class RoundLedger:
         self.growth_margin_tokens = growth_margin_tokens
         self.instances = {i.instance_id: i for i in sorted(snapshot.instances, key=lambda i: i.instance_id)}
         self.migrations: list[Migration] = []
+        self.evacuating: set[str] = set()       # preempted instances the preemption planner decides for
 
     def fork(self) -> RoundLedger:
         """A copy to plan on tentatively; adopt it with `adopt` or drop it."""
         other = RoundLedger(self.snapshot, self.in_flight, self.growth_margin_tokens)
         other.instances, other.migrations = dict(self.instances), list(self.migrations)
+        other.evacuating = set(self.evacuating)
         return other
 
     def adopt(self, other: RoundLedger) -> None:
-        self.instances, self.migrations = other.instances, other.migrations
+        self.instances, self.migrations, self.evacuating = other.instances, other.migrations, other.evacuating
 
     def num_migrations(self, instance_id: str) -> int:
         """Decisions of this round with the instance at either end."""
