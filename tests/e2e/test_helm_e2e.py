@@ -26,7 +26,9 @@ CHART = ROOT / "deploy" / "helm" / "ferry"
 RELEASE = "ferry"
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "Write a long story about a lighthouse keeper and the storm that changed everything."
-MAX_TOKENS = 96
+# Long enough that the operator's drain (a reconcile away) starts while every stream still runs: with 96
+# tokens a CI run on 2 cores saw the streams end in place before the drain began (nothing to migrate).
+MAX_TOKENS = 320
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -95,14 +97,16 @@ def openai_client(base: str):
     return openai.OpenAI(base_url=f"http://{base}/v1", api_key="none", timeout=180, max_retries=0)
 
 
-def scheduler_metric(rel: Release, name: str, labels: str = "") -> float:
+def scheduler_series(rel: Release, name: str, labels: str = "") -> list[str]:
+    """The scheduler's /metrics lines of `name` that carry every label in `labels`."""
     with rel.cluster.service_address(rel.namespace, f"{RELEASE}-scheduler", 9090) as addr:
         text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=10).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and all(part in line for part in labels.split(",") if part):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return [line for line in text.splitlines()
+            if line.startswith(name) and all(part in line for part in labels.split(",") if part)]
+
+
+def scheduler_metric(rel: Release, name: str, labels: str = "") -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in scheduler_series(rel, name, labels))
 
 
 def scheduler_instances(rel: Release) -> dict[str, scheduler_pb2.InstanceStatus]:
@@ -174,7 +178,8 @@ def test_e2e_scale_down_drains_first_and_streams_complete(release):
     removed = before - {p["metadata"]["name"] for p in release.pods("decode")}
     assert len(removed) == 1 and removed <= holding, (removed, holding)
     migrated = scheduler_metric(release, "ferry_scheduler_migrations_total", 'reason="drain",outcome="migrated"')
-    assert migrated > migrated_before, "the removed pod's streams were not live-migrated away"
+    assert migrated > migrated_before, ("the removed pod's streams were not live-migrated away",
+                                        scheduler_series(release, "ferry_scheduler_migrations_total"))
 
 
 def test_e2e_spot_termination_taint_drains_the_nodes_workers(release):
