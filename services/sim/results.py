@@ -5,7 +5,7 @@ and definitions, plus what only a simulator can count over a whole cluster.
     e2el   completion − arrival                     goodput  requests/s meeting every SLO (DistServe)
     gpu_hours, energy_kwh, energy_per_token_j, cost_usd   per pool and in total
     migrations {reason: {outcome: n}}, preemptions (KV, recomputed), spot {notices, instances_killed,
-    requests_rerouted}, autoscale {decisions, instances added / drained / reclaimed / removed},
+    requests_rerouted, evacuation_<action> decisions}, power {budget, overshoot, controller rounds}, autoscale {decisions, instances added / drained / reclaimed / removed},
     peak_replicas per pool, prefix hit rates (trace blocks)
 
 ITL is not reported: the simulator advances a request's tokens in steps it does not record one by
@@ -68,7 +68,9 @@ def summarize(out: Outcome) -> dict:
         "migrations": _nested(out.migrations),
         "migrated_requests": int(np.count_nonzero(out.num_migrations)),
         "preemptions": int(out.num_preemptions.sum()),
-        "spot": {k: out.spot.get(k, 0) for k in ("notices", "instances_killed", "requests_rerouted")},
+        "spot": {k: out.spot.get(k, 0) for k in ("notices", "instances_killed", "requests_rerouted")}
+        | {k: v for k, v in out.spot.items() if k.startswith("evacuation_")},    # decisions, summed over rounds
+        "power": out.power,
         "autoscale": {k: out.autoscale.get(k, 0) for k in ("decisions", "instances_added", "instances_drained",
                                                            "instances_reclaimed", "instances_removed")},
         "autoscale_decisions": out.autoscale.get("decisions", 0) if spec.autoscale.enabled else None,

@@ -4,15 +4,20 @@ It steps in ticks (`spec.tick`, by default the heartbeat interval: the live sche
 cluster through heartbeats too) and is vectorized over instances and requests; inside a tick every
 time is exact to the model, not rounded to the tick. Each tick, in this order:
 
-    spot events        notices mark instances draining; deadlines kill them (their requests re-route)
+    spot events        the spec's and its spot market's (spot_trace.py); with `preemption: planner` a notice
+                       stops routing to the instance (draining) and the migration rounds evacuate it;
+                       deadlines kill instances (what they still hold re-routes and is recomputed)
+    power              every power.interval_s: policies.power.decide on the instances' simulated power;
+                       its caps lock their SM clocks (power.py)
     autoscaling        every autoscale interval: policies.autoscale.decide on the pools' signals; adds
                        instances or drains the least-loaded ones, which leave once empty (autoscaler.py)
     heartbeat          every heartbeat interval: the instances' load as InstanceTable columns
-    migration          every migration interval: policies.migration.plan_migrations, the live code
+    migration          every migration interval: policies.preemption.plan_evacuation for each noticed
+                       instance, then policies.migration.plan_migrations on the same ledger (the live code)
     routing            arrivals in [t0, t1), in order, through policies.routing.decide_many: the live
                        policy, with the same reservations between heartbeats as the live scheduler
-    step times         per instance, SimProfile.seconds of its batch: its decodes plus one prefill
-                       chunk (chunked prefill: colocated instances mix both, DistServe's interference)
+    step times         per instance, SimProfile.seconds of its batch at its clock: its decodes plus one
+                       prefill chunk (chunked prefill: colocated instances mix both, DistServe's interference)
     prefill            every instance's FIFO of prompt work, served in closed form (fifo.py); the first
                        token comes out of prefill; the KV then travels to the decode instance
     decode admission   FIFO per instance while sequence slots and KV blocks last (else it waits)
@@ -47,13 +52,17 @@ from services.scheduler.policies.compiled import route_arrays
 from services.scheduler.policies.config import load_policy
 from services.scheduler.policies.instance_table import InstanceTable
 from services.scheduler.policies.migration import MigrationConfig, plan_migrations
+from services.scheduler.policies.migration_ledger import RoundLedger
+from services.scheduler.policies.preemption import PreemptionConfig, PreemptionNotice, plan_evacuation
 from services.scheduler.policies.routing import decide_many, why_no_route
 from services.scheduler.prefix_index import PrefixIndex
 from services.sim.autoscaler import Autoscaler
 from services.sim.columns import Columns
 from services.sim.fifo import serve_fifo
+from services.sim.power import READING_S, PowerLoop, instance_watts, pool_gpu
 from services.sim.prefix_cache import BlockLru
 from services.sim.spec import ClusterSpec, Pool
+from services.sim.spot_trace import generate as generate_spot_events
 from services.sim.traces import Trace
 
 PENDING, DONE, FAILED = 0, 1, 2
@@ -67,6 +76,8 @@ INSTANCE_COLUMNS = {
     "drate": (np.float64, 0.0), "prate": (np.float64, 0.0),           # decode steps/s, prompt tokens/s
     "step_tokens": (np.float64, 0.0), "step_left": (np.float64, 0.0),  # prompt tokens of the step in progress
     "pool_index": (np.int64, 0),
+    "clock_ratio": (np.float64, 1.0),                                  # SM clock / maximum (power caps)
+    "busy_avg": (np.float64, 0.0), "reading_watts": (np.float64, 0.0),  # the ~1 s power reading
 }
 
 
@@ -82,7 +93,7 @@ class Outcome:
     num_preemptions: np.ndarray
     failures: Counter
     migrations: Counter             # (reason, outcome) -> count
-    spot: Counter                   # notices, instances killed, requests re-routed after a kill
+    spot: Counter                   # notices, instances killed, requests re-routed after a kill, evacuation_*
     autoscale: Counter              # decisions, instances added / drained / reclaimed / removed
     prefix_blocks: dict[str, int]   # prompt / local_hit / kvstore_hit blocks (trace-block granularity)
     gpu_seconds: dict[str, float]   # per pool
@@ -90,6 +101,7 @@ class Outcome:
     cost_usd: dict[str, float]      # per pool
     series: dict[str, np.ndarray]   # t, replicas per pool, running, queued, power_watts
     end_s: float
+    power: dict                     # the power loop's summary (power.py)
 
 
 class Simulator:
@@ -99,6 +111,8 @@ class Simulator:
         self.policy = load_policy(spec.routing)
         self.prefix_index = PrefixIndex(spec.prefix_index_capacity)
         self.migration = MigrationConfig(load_balance_gap=spec.migration_load_balance_gap)
+        self.preemption = PreemptionConfig()
+        self.gpu_models = [pool_gpu(spec.gpus[p.gpu]) for p in spec.pools]
         self.bs = spec.engine.block_size
         self.max_model_len = spec.engine.max_model_len or self.profile.max_model_len
         self.kv_bytes = float(self.profile.kv_bytes_per_token)
@@ -180,14 +194,16 @@ class Simulator:
     def run(self) -> Outcome:
         spec, dt = self.spec, self.spec.tick
         arrival = self.trace.arrival_s
-        events = sorted(spec.spot, key=lambda e: e.at_s)
+        events = sorted(spec.spot + self._market_events(), key=lambda e: e.at_s)
         next_heartbeat = next_migration = next_sample = 0.0
-        series: dict[str, list] = {"t": [], "running": [], "queued": [], "power_watts": []}
+        series: dict[str, list] = {"t": [], "running": [], "queued": [], "power_watts": [], "capped": []}
         for p in spec.pools:
             series[f"replicas_{p.name}"] = []
         self.gpu_s = np.zeros(len(spec.pools))
         self.energy = np.zeros(len(spec.pools))
         autoscaler = Autoscaler(self) if spec.autoscale.enabled else None
+        self.power = PowerLoop(self)
+        self.second_joules, self.second_s = 0.0, 0.0
         cursor, t0 = 0, 0.0
         table = None
         end = float(arrival[-1]) if len(arrival) else 0.0
@@ -203,6 +219,7 @@ class Simulator:
             if t0 >= next_heartbeat or table is None:
                 table, rows = self._heartbeat(t0)
                 next_heartbeat = t0 + spec.heartbeat_interval_s
+            self.power.tick(t0)
             if spec.migration_interval_s > 0 and t0 >= next_migration:
                 self._plan_migrations(t0)
                 next_migration = t0 + spec.migration_interval_s
@@ -216,9 +233,12 @@ class Simulator:
             self._switch_migrations(t0, t1)
             self._overflow(t1)
             self._account(dt)
-            if t0 >= next_sample:
-                self._sample(series, t0)
-                next_sample = t0 + SAMPLE_S
+            if t1 >= next_sample + SAMPLE_S - 1e-9:
+                mean_watts = self.second_joules / self.second_s
+                self.power.observe_second(mean_watts)
+                self._sample(series, next_sample, mean_watts)
+                self.second_joules, self.second_s = 0.0, 0.0
+                next_sample += SAMPLE_S
             t0 = t1
             if self.progress is not None:
                 self.progress(t0)
@@ -237,7 +257,14 @@ class Simulator:
                        self._per_pool(self.gpu_s), self._per_pool(self.energy),
                        {p.name: float(self.gpu_s[k] / 3600 * spec.gpus[p.gpu].price_per_hour)
                         for k, p in enumerate(spec.pools)},
-                       {k: np.asarray(v) for k, v in series.items()}, t0)
+                       {k: np.asarray(v) for k, v in series.items()}, t0, self.power.summary())
+
+    def _market_events(self) -> tuple:
+        market = self.spec.spot_market
+        if not market.pool_names:
+            return ()
+        sizes = {p.name: p.replicas for p in self.spec.pools}
+        return generate_spot_events(market, sizes, float(self.trace.arrival_s[-1]) if len(self.trace) else 0.0)
 
     def _per_pool(self, values: np.ndarray) -> dict[str, float]:
         return {p.name: float(values[k]) for k, p in enumerate(self.spec.pools)}
@@ -386,7 +413,15 @@ class Simulator:
 
     def _set_rates(self, sum_ctx: np.ndarray) -> None:
         n, chunk = self.dec_n, self.chunk
-        step = self.profile.seconds(n + chunk, sum_ctx + chunk * (chunk + 1) / 2, sum_ctx + chunk)
+        tokens, attended, read = n + chunk, sum_ctx + chunk * (chunk + 1) / 2, sum_ctx + chunk
+        ratio = self.clock_ratio
+        if (ratio == 1.0).all():
+            step = self.profile.seconds(tokens, attended, read)
+        else:                           # a capped clock slows compute 1/f, memory (1/f)^0.1 (sim_profile.py)
+            step = np.empty(len(n))
+            for r in np.unique(ratio).tolist():
+                at = ratio == r
+                step[at] = self.profile.seconds(tokens[at], attended[at], read[at], r)
         self.drate = np.where(n > 0, 1.0 / step, 0.0)
         self.prate = np.where(chunk > 0, chunk / step, 0.0)
 
@@ -530,15 +565,30 @@ class Simulator:
         return ClusterSnapshot(now, tuple(sorted(states, key=lambda s: s.instance_id)), 3.0)
 
     def _plan_migrations(self, now: float) -> None:
+        """One round: evacuate the noticed instances just in time (planner mode), then the other
+        migration policies on the same ledger, so they see the room the evacuation took."""
         in_flight = frozenset(str(m[1]) for m in self.pending_migrations)
         index_of = {name: i for i, name in enumerate(self.ids)}
         snapshot = self._decode_snapshot(now)
+        ledger = RoundLedger(snapshot, in_flight, self.migration.growth_margin_tokens)
+        if self.spec.preemption == "planner":
+            self._plan_evacuations(ledger, now)
         tokens = {r.request_id: r.num_tokens for s in snapshot.instances for r in s.load.requests}
-        for m in plan_migrations(snapshot, self.migration, in_flight):
+        for m in plan_migrations(snapshot, self.migration, in_flight, ledger=ledger):
             r = int(m.request_id)
             copy_s = self.spec.kv_latency_s + tokens[m.request_id] * self.kv_bytes / self.spec.kv_bandwidth_bytes_per_s
             self.pending_migrations.append((now + copy_s, r, index_of[m.source_id], index_of[m.destination_id],
                                             m.reason.value))
+
+    def _plan_evacuations(self, ledger: RoundLedger, now: float) -> None:
+        """plan_evacuation for each instance with a notice, its seconds per token measured now (the
+        step time of its batch; None while it decodes nothing)."""
+        noticed = np.flatnonzero(self.alive & np.isfinite(self.down_at) & self.can_decode)
+        for i in noticed.tolist():
+            seconds_per_token = 1.0 / self.drate[i] if self.drate[i] > 0 else None
+            notice = PreemptionNotice(self.ids[i], float(self.down_at[i]), "sim")
+            for decision in plan_evacuation(ledger, notice, now, self.preemption, seconds_per_token):
+                self.spot[f"evacuation_{decision.action.value}"] += 1
 
     def _switch_migrations(self, t0: float, t1: float) -> None:
         """Migrations whose copy ends in this tick move their request (it decoded on meanwhile)."""
@@ -579,7 +629,7 @@ class Simulator:
                 raise ValueError(f"spot event at {event.at_s}s preempts unknown instance {event.preempt!r}")
             i = self.ids.index(event.preempt)
             self.spot["notices"] += 1
-            self.draining[i] = True
+            self.draining[i] = self.spec.preemption == "planner"      # reroute: the notice goes unheeded
             self.down_at[i] = event.at_s + event.notice_s
             return
         pool = next((p for p in self.spec.pools if p.name == event.add), None)
@@ -612,23 +662,27 @@ class Simulator:
 
     # -- accounting ------------------------------------------------------------------------------------
     def _account(self, dt: float) -> None:
+        """GPU seconds and energy of the tick: each alive instance at its busy share (steps run back to
+        back while it decodes; prefill's share of the tick otherwise) and clock (power.py's model)."""
         up = self.alive.copy()
         busy = np.maximum(self.dec_n > 0, self.prefill_busy)
+        self.busy_avg += (busy - self.busy_avg) * min(1.0, dt / READING_S)
         watts = np.zeros(len(up))
-        for k, p in enumerate(self.spec.pools):
-            gpu = self.spec.gpus[p.gpu]
+        for k, gpu in enumerate(self.gpu_models):
             mine = up & (self.pool_index == k)
-            w = gpu.idle_watts + (gpu.peak_watts - gpu.idle_watts) * busy[mine]
-            watts[mine] = w
+            watts[mine] = instance_watts(gpu, busy[mine], self.clock_ratio[mine])
+            self.reading_watts[mine] = instance_watts(gpu, self.busy_avg[mine], self.clock_ratio[mine])
             self.gpu_s[k] += dt * int(mine.sum())
-            self.energy[k] += dt * float(w.sum())
-        self.watts = float(watts.sum())
+            self.energy[k] += dt * float(watts[mine].sum())
+        self.second_joules += dt * float(watts.sum())
+        self.second_s += dt
 
-    def _sample(self, series: dict[str, list], now: float) -> None:
+    def _sample(self, series: dict[str, list], now: float, mean_watts: float) -> None:
         series["t"].append(now)
         series["running"].append(len(self.running))
         series["queued"].append(len(self.prefill) + len(self.inbox))
-        series["power_watts"].append(self.watts)
+        series["power_watts"].append(mean_watts)
+        series["capped"].append(int((self.alive & (self.clock_ratio < 1.0)).sum()))
         for k, p in enumerate(self.spec.pools):
             series[f"replicas_{p.name}"].append(int((self.alive & (self.pool_index == k)).sum()))
 

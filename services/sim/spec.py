@@ -5,15 +5,19 @@ SLOs and the spot availability events — one YAML file (services/sim/configs/*.
     pools                prefill / decode / colocated: {replicas, gpu}
     engine               block_size, num_blocks, max_num_seqs, max_num_batched_tokens, max_model_len
                          (EngineConfig's names; max_model_len 0 = the profile's)
-    gpus                 per GPU type: price_per_hour (USD), idle_watts, peak_watts
+    gpus                 per GPU type: price_per_hour (USD), idle_watts, peak_watts, model (h100-sxm | h200-sxm:
+                         the clock range of the power model)
     network              kv_bandwidth_bytes_per_s, kv_latency_s (prefill → decode and migration copies)
     scheduler            routing (preset or YAML path), heartbeat_interval_s, migration_interval_s (0 = off),
-                         migration_load_balance_gap, prefix_index_capacity
+                         migration_load_balance_gap, prefix_index_capacity, preemption (planner | reroute)
     kvstore_blocks       blocks the kvstore keeps (LRU, trace-block granularity); 0 = no kvstore
     slo                  ttft_s, tpot_s (goodput and attainment)
-    power_budget_watts   drawn on the power plot (0 = none)
+    power_budget_watts   the power budget: drawn on the power plot, kept by the controller (0 = none)
+    power                control (the controller on), interval_s (control period), thresholds and the other
+                         policies.power.PowerConfig fields (PowerSpec)
     tick_s               the simulation step (default: the heartbeat interval)
     spot                 events: {at_s, preempt: instance id, notice_s} or {at_s, add: pool, replicas, startup_s}
+    spot_market          generated spot events (spot_trace.py): pools (comma separated), provider, seed, ...
     autoscale            enabled, interval_s (control period), window_s (signal window), startup_s (decision
                          to serving), prefill / decode: {min_replicas, max_replicas}, and the other
                          policies.autoscale.AutoscaleConfig fields (headroom, attainment_target, ...)
@@ -32,6 +36,10 @@ import yaml
 from services.common.cluster import Role
 from services.common.named_yaml import find_yaml
 from services.scheduler.policies.autoscale import AutoscaleConfig, PoolBounds
+from services.sim.spot_trace import SpotEvent, SpotMarket
+
+__all__ = ["ClusterSpec", "SpotEvent", "SpotMarket", "load_spec", "spec_from_mapping"]
+PREEMPTION_MODES = ("planner", "reroute")
 
 CONFIGS = Path(__file__).parent / "configs"
 POOL_ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "colocated": Role.BOTH}
@@ -40,6 +48,7 @@ POOL_ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "colocated": Role.
 @dataclass(frozen=True, slots=True)
 class GpuType:
     price_per_hour: float = 0.0
+    model: str = "h100-sxm"         # clock range and power curve (common/gpu_power.py)
     idle_watts: float = 0.0
     peak_watts: float = 0.0
 
@@ -65,15 +74,23 @@ class EngineLimits:
 
 
 @dataclass(frozen=True, slots=True)
-class SpotEvent:
-    """At `at_s`: `preempt` names an instance that gets a notice and dies `notice_s` later; or `add`
-    names a pool that gains `replicas` instances, serving `startup_s` later."""
-    at_s: float
-    preempt: str = ""
-    notice_s: float = 30.0
-    add: str = ""
-    replicas: int = 1
-    startup_s: float = 0.0
+class PowerSpec:
+    """The power controller in the simulator: every `interval_s`, the live policy (policies.power.decide)
+    on the instances' simulated power against `power_budget_watts`; its caps lock the instances' SM clocks,
+    and their steps slow with the clock (services/sim/power.py). The other fields are PowerConfig's."""
+    control: bool = False
+    interval_s: float = 5.0
+    threshold1: float = 0.90
+    threshold2: float = 0.95
+    low_priority_pools: str = "decode"      # comma separated roles: prefill, decode, both
+    uncap_margin: float = 0.05
+    uncap_after_s: float = 30.0
+    default_clock_mhz: float = 1410.0
+    emergency_target: float = 0.90
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0:
+            raise ValueError(f"power.interval_s must be > 0, got {self.interval_s}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +122,7 @@ class ClusterSpec:
     heartbeat_interval_s: float = 0.1
     migration_interval_s: float = 0.0
     migration_load_balance_gap: float = 16.0
+    preemption: str = "planner"     # planner: a notice stops routing, evacuation plans each round; reroute: ignored
     prefix_index_capacity: int = 1_000_000
     kvstore_blocks: int = 0
     slo_ttft_s: float = 2.0
@@ -112,7 +130,9 @@ class ClusterSpec:
     power_budget_watts: float = 0.0
     tick_s: float = 0.0            # 0: the heartbeat interval
     spot: tuple[SpotEvent, ...] = ()
+    spot_market: SpotMarket = field(default_factory=SpotMarket)
     autoscale: AutoscaleSpec = AutoscaleSpec()
+    power: PowerSpec = PowerSpec()
 
     def __post_init__(self) -> None:
         if self.autoscale.enabled and any(p.name == "colocated" for p in self.pools):
@@ -128,6 +148,16 @@ class ClusterSpec:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.tick_s < 0 or self.migration_interval_s < 0:
             raise ValueError("tick_s and migration_interval_s must be >= 0")
+        if self.preemption not in PREEMPTION_MODES:
+            raise ValueError(f"scheduler.preemption {self.preemption!r}: use one of {', '.join(PREEMPTION_MODES)}")
+        if self.power.control and self.power_budget_watts <= 0:
+            raise ValueError("power.control needs power_budget_watts > 0 (the budget the controller keeps)")
+        unknown = set(self.spot_market.pool_names) - {p.name for p in self.pools}
+        if unknown:
+            raise ValueError(f"spot_market.pools names {sorted(unknown)}, not pools of this spec")
+        if self.autoscale.enabled and self.spot_market.pool_names:
+            raise ValueError("spot_market: its replacements name instances as the simulator adds them; "
+                             "turn autoscale off (autoscale.enabled: false)")
 
     @property
     def tick(self) -> float:
@@ -165,15 +195,18 @@ def spec_from_mapping(data: dict[str, Any], where: str = "spec") -> ClusterSpec:
                           ("network", {"kv_bandwidth_bytes_per_s": "kv_bandwidth_bytes_per_s",
                                        "kv_latency_s": "kv_latency_s"}),
                           ("scheduler", {k: k for k in ("routing", "heartbeat_interval_s", "migration_interval_s",
-                                                        "migration_load_balance_gap", "prefix_index_capacity")})):
+                                                        "migration_load_balance_gap", "preemption",
+                                                        "prefix_index_capacity")})):
         sub = data.pop(section, None) or {}
         _check(sub, set(keys), f"{where}: {section}")
         flat.update({keys[k]: v for k, v in sub.items()})
     engine = _build(EngineLimits, data.pop("engine", None) or {}, f"{where}: engine")
     spot = tuple(_build(SpotEvent, e, f"{where}: spot[{i}]") for i, e in enumerate(data.pop("spot", None) or ()))
     autoscale = _autoscale(data.pop("autoscale", None) or {}, f"{where}: autoscale")
+    market = _build(SpotMarket, data.pop("spot_market", None) or {}, f"{where}: spot_market")
+    power = _build(PowerSpec, data.pop("power", None) or {}, f"{where}: power")
     for key, value in {**data, **flat}.items():
-        if isinstance(value, str) and key not in ("profile", "model", "routing"):
+        if isinstance(value, str) and key not in ("profile", "model", "routing", "preemption"):
             try:
                 flat[key] = float(value)
             except ValueError as e:
@@ -182,7 +215,8 @@ def spec_from_mapping(data: dict[str, Any], where: str = "spec") -> ClusterSpec:
     for key in ("prefix_index_capacity", "kvstore_blocks"):
         if key in merged:
             merged[key] = int(merged[key])
-    return ClusterSpec(pools=pools, gpus=gpus, engine=engine, spot=spot, autoscale=autoscale, **merged)
+    return ClusterSpec(pools=pools, gpus=gpus, engine=engine, spot=spot, spot_market=market, autoscale=autoscale,
+                       power=power, **merged)
 
 
 def _autoscale(data: dict[str, Any], where: str) -> AutoscaleSpec:
