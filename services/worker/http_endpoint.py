@@ -13,6 +13,7 @@
                  ferry_worker_gpu_power_limit_watts    gauge    the power limit in force
                  ferry_worker_gpu_sm_clock_hertz       gauge    SM clock now
                  ferry_worker_gpu_sm_clock_cap_hertz   gauge    the locked maximum SM clock (0: none)
+                 ferry_worker_preemption_*   the preemption watcher's, while it runs (metrics.py)
     /healthz   200 while the process serves and its engine thread lives; 503 once that thread died.
     /readyz    200 when the gRPC server is up, the worker is registered with its scheduler (or runs
                stand-alone) and it is not draining; else 503 and the reason on one line. A drained
@@ -47,6 +48,7 @@ class WorkerProbe:
         self.servicer = None            # the WorkerServicer, once the gRPC server is up
         self.is_stopping = False
         self.power = None               # the GPU power backend (power.py), where the worker has one
+        self.preemption = None          # the preemption watcher's PreemptionMetrics, where it runs
         self._beats: tuple[float, float] | None = None    # monotonic times of the last two heartbeats
 
     def heartbeat_load(self, load: Callable[[], common_pb2.WorkerLoad]) -> Callable[[], common_pb2.WorkerLoad]:
@@ -107,6 +109,8 @@ class WorkerCollector:
         yield CounterMetricFamily("ferry_worker_preemptions", "Requests preempted for KV room",
                                   value=stats.get("num_preemptions", 0))
         yield from servicer.metrics.collect()
+        if self.probe.preemption is not None:
+            yield from self.probe.preemption.collect()
         if self.probe.power is not None:
             gpu = self.probe.power.read()
             yield GaugeMetricFamily("ferry_worker_gpu_power_watts", "GPU power draw", value=gpu.power_watts)

@@ -32,6 +32,7 @@ log = logging.getLogger("ferry.worker")
 ROLES = {"prefill": common_pb2.ROLE_PREFILL, "decode": common_pb2.ROLE_DECODE, "both": common_pb2.ROLE_BOTH}
 ENGINES = ("llm", "sim")
 POWER_BACKENDS = ("auto", "simulated", "nvml", "none")
+PREEMPTION_SOURCES = ("none", "aws", "gcp", "azure")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,15 @@ class WorkerSettings:
     power_control: str = setting("off", "what the scheduler's SetPowerCap may change on a real GPU: off (read "
                                  "only), clocks (lock the SM clock) or power-limit; both need root. The "
                                  "simulated GPU always takes caps")
+    preemption_source: str = setting("none", "cloud whose instance metadata to poll for a spot/termination "
+                                     "notice, told to the scheduler (it drains this worker): none, aws, gcp "
+                                     "or azure (docs/spot.md)")
+    preemption_metadata_url: str = setting("", "base URL of the metadata service (default: the cloud's, "
+                                           "http://169.254.169.254 or http://metadata.google.internal)")
+    preemption_poll_s: float = setting(5.0, "seconds between looks at the metadata service")
+    preemption_grace_s: float = setting(30.0, "time left to assume when the cloud names no deadline (GCP)")
+    preemption_vm_name: str = setting("", "azure: this VM's name in scheduled events (default: read from "
+                                      "the instance metadata)")
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -92,6 +102,12 @@ class WorkerSettings:
             raise ValueError(f"power_control {self.power_control!r}: use one of "
                              f"{', '.join(c.value for c in PowerControl)}")
         gpu_spec(self.gpu_model)
+        if self.preemption_source not in PREEMPTION_SOURCES:
+            raise ValueError(f"preemption_source {self.preemption_source!r}: use one of "
+                             f"{', '.join(PREEMPTION_SOURCES)}")
+        if self.preemption_poll_s <= 0 or self.preemption_grace_s <= 0:
+            raise ValueError(f"preemption_poll_s ({self.preemption_poll_s}) and preemption_grace_s "
+                             f"({self.preemption_grace_s}) must be > 0")
         if not -1 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port {self.metrics_port}: use -1 (off), 0 (any free port) or a port")
 
@@ -131,6 +147,25 @@ def power_backend(s: WorkerSettings, servicer):
         if hasattr(servicer.engine, "clock_ratio"):
             servicer.engine.clock_ratio = ratio
     return simulated_gpu(servicer.loop.busy, gpu_spec(s.gpu_model), s.gpu_idle_watts, s.gpu_peak_watts, on_clock)
+
+
+def preemption_watch(s: WorkerSettings, instance_id: str, probe):
+    """The watcher of the cloud's metadata for a termination notice (preemption_watch.py), where a source
+    and a scheduler are set, else None. Its metrics go on the probe's /metrics."""
+    if s.preemption_source == "none":
+        return None
+    if not s.scheduler_address:
+        log.warning("--preemption-source %s needs --scheduler-address (the scheduler drains this worker): "
+                    "not watching", s.preemption_source)
+        return None
+    from services.worker.metadata_probes import ERROR_KINDS, make_probe
+    from services.worker.metrics import PreemptionMetrics
+    from services.worker.preemption_watch import PreemptionWatch, WatchConfig
+    cloud = make_probe(s.preemption_source, s.preemption_metadata_url, s.preemption_vm_name)
+    probe.preemption = PreemptionMetrics(cloud.source, ERROR_KINDS)
+    config = WatchConfig(instance_id=instance_id, scheduler_address=s.scheduler_address,
+                         poll_s=s.preemption_poll_s, grace_s=s.preemption_grace_s)
+    return PreemptionWatch(cloud, config, probe.preemption)
 
 
 def build_engine(s: WorkerSettings):
@@ -199,10 +234,13 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
                                        max_model_len=max_model_len)
         registration = asyncio.create_task(keep_registered(s.scheduler_address, instance,
                                                            probe.heartbeat_load(servicer.load), stop))
+    watch = preemption_watch(s, instance_id, probe)
+    watching = asyncio.create_task(watch.run(stop)) if watch is not None else None
     await stop.wait()
     probe.is_stopping = True
-    if registration is not None:
-        await registration
+    for task in (registration, watching):
+        if task is not None:
+            await task
     await server.stop(grace=2)
     await servicer.close()
     if kvstore is not None:

@@ -14,7 +14,7 @@ before the lookup (the kvstore counts its own hits). The names follow vLLM's pre
 """
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import Metric
 
 # A hand-off of a short prompt takes ms; a migration of a long context many seconds.
@@ -51,3 +51,45 @@ class WorkerMetrics:
     def collect(self) -> list[Metric]:
         return [m for metric in (self.kv_transfer_bytes, self.kv_transfer_duration, self.prefix_queries,
                                  self.prefix_hits) for m in metric.collect()]
+
+
+class PreemptionMetrics:
+    """The preemption watcher's series (preemption_watch.py), on /metrics while it runs:
+
+        ferry_worker_preemption_notices_total{source}             termination notices the cloud announced
+        ferry_worker_preemption_poll_errors_total{source,kind}    failed looks at the metadata service
+        ferry_worker_preemption_notify_failures_total{source}     failed NotifyPreemption calls (retried)
+        ferry_worker_preemption_deadline_timestamp_seconds        the earliest notice's deadline (0: none)
+    """
+
+    def __init__(self, source: str, error_kinds: tuple[str, ...]) -> None:
+        self.source = source
+        self.notices = Counter("ferry_worker_preemption_notices", "Termination notices read from the cloud's "
+                               "instance metadata", ["source"], registry=None)
+        self.poll_errors = Counter("ferry_worker_preemption_poll_errors", "Failed looks at the instance "
+                                   "metadata service, by kind", ["source", "kind"], registry=None)
+        self.notify_failures = Counter("ferry_worker_preemption_notify_failures", "Failed NotifyPreemption "
+                                       "calls to the scheduler", ["source"], registry=None)
+        self.deadline = Gauge("ferry_worker_preemption_deadline_timestamp_seconds", "Unix time the announced "
+                              "termination is due (0: none)", registry=None)
+        self.deadline_unix_s = 0.0
+        self.notices.labels(source)            # every series exists from the start, at 0
+        self.notify_failures.labels(source)
+        for kind in error_kinds:
+            self.poll_errors.labels(source, kind)
+
+    def notice(self, deadline_unix_s: float) -> None:
+        self.notices.labels(self.source).inc()
+        if self.deadline_unix_s == 0 or deadline_unix_s < self.deadline_unix_s:
+            self.deadline_unix_s = deadline_unix_s
+            self.deadline.set(deadline_unix_s)
+
+    def poll_error(self, kind: str) -> None:
+        self.poll_errors.labels(self.source, kind).inc()
+
+    def notify_failure(self) -> None:
+        self.notify_failures.labels(self.source).inc()
+
+    def collect(self) -> list[Metric]:
+        return [m for metric in (self.notices, self.poll_errors, self.notify_failures, self.deadline)
+                for m in metric.collect()]

@@ -2,31 +2,43 @@
 switched between "none", "notice" and failures by the test. It checks each cloud's headers (a request
 without them gets the cloud's refusal) and records every path asked for.
 
-    FakeMetadata.mode    none | notice | error (HTTP 500) | malformed | slow (answers after 1 s)
+    FakeMetadata.mode    none | notice | error (HTTP 500) | malformed | slow (answers after 0.6 s)
+
+A notice's time is `deadline_unix_s` (default: two minutes after the fake started, in whole seconds, as
+AWS gives), written as each cloud writes it.
 """
 from __future__ import annotations
 
 import json
 import threading
+import time
+from datetime import UTC, datetime
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 AWS_TOKEN = "AQAEAfake-token=="
-AWS_TIME = "2026-12-02T09:00:00Z"
-AZURE_NOT_BEFORE = "Wed, 02 Dec 2026 09:00:00 GMT"
 AZURE_VM = "ferry-worker-vm_3"
-DEADLINE_UNIX_S = 1796202000.0          # both times above
 
 
-def azure_events(event_type: str, vm_name: str = AZURE_VM) -> dict:
+def aws_time(unix_s: float) -> str:
+    return datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def azure_time(unix_s: float) -> str:
+    return formatdate(unix_s, usegmt=True)          # RFC 1123: "Wed, 02 Dec 2026 09:00:00 GMT"
+
+
+def azure_events(event_type: str, not_before: str, vm_name: str = AZURE_VM) -> dict:
     return {"DocumentIncarnation": 2, "Events": [
         {"EventId": "C7061BAC-AFDC-4513-B24B-AA5F13A16123", "EventStatus": "Scheduled",
          "EventType": event_type, "ResourceType": "VirtualMachine", "Resources": [vm_name],
-         "NotBefore": AZURE_NOT_BEFORE, "Description": "", "EventSource": "Platform", "DurationInSeconds": -1}]}
+         "NotBefore": not_before, "Description": "", "EventSource": "Platform", "DurationInSeconds": -1}]}
 
 
 class FakeMetadata:
     def __init__(self) -> None:
         self.mode = "none"
+        self.deadline_unix_s = float(int(time.time()) + 120)
         self.gcp_maintenance = "NONE"
         self.paths: list[str] = []
         self.num_tokens = 0
@@ -45,7 +57,7 @@ class FakeMetadata:
             def do_GET(self) -> None:
                 fake.paths.append(f"GET {self.path}")
                 if fake.mode == "slow":
-                    threading.Event().wait(1.0)
+                    threading.Event().wait(0.6)
                 if fake.mode == "error":
                     return self._reply(500, b"internal error")
                 if self.path.startswith("/latest/"):
@@ -61,10 +73,10 @@ class FakeMetadata:
                     return self._reply(401, b"")
                 if self.path == "/latest/meta-data/spot/instance-action" and fake.mode != "none":
                     body = b"{not json" if fake.mode == "malformed" else \
-                        json.dumps({"action": "terminate", "time": AWS_TIME}).encode()
+                        json.dumps({"action": "terminate", "time": aws_time(fake.deadline_unix_s)}).encode()
                     return self._reply(200, body)
                 if self.path == "/latest/meta-data/events/recommendations/rebalance":
-                    return self._reply(200, json.dumps({"noticeTime": AWS_TIME}).encode())
+                    return self._reply(200, json.dumps({"noticeTime": aws_time(time.time())}).encode())
                 self._reply(404, b"")
 
             def _gcp(self) -> None:
@@ -84,7 +96,7 @@ class FakeMetadata:
                     return self._reply(200, AZURE_VM.encode())
                 if self.path == "/metadata/scheduledevents?api-version=2020-07-01":
                     doc = {"DocumentIncarnation": 1, "Events": []} if fake.mode == "none" else \
-                        azure_events("Preempt")
+                        azure_events("Preempt", azure_time(fake.deadline_unix_s))
                     body = b"[1, 2" if fake.mode == "malformed" else json.dumps(doc).encode()
                     return self._reply(200, body)
                 self._reply(404, b"")

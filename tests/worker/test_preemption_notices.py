@@ -8,7 +8,10 @@ import pytest
 
 from services.worker import cloud_notices as cn
 from services.worker.cloud_notices import CloudNotice, MalformedDocument
-from tests.worker.fake_metadata import AZURE_NOT_BEFORE, AZURE_VM, DEADLINE_UNIX_S, azure_events
+from tests.worker.fake_metadata import AZURE_VM, azure_events
+
+AZURE_NOT_BEFORE = "Wed, 02 Dec 2026 09:00:00 GMT"
+DEADLINE_UNIX_S = 1796202000.0          # 2026-12-02T09:00:00Z
 
 
 def js(doc) -> bytes:
@@ -86,7 +89,7 @@ def event(event_type: str, resources: list[str], not_before: str = AZURE_NOT_BEF
 
 @pytest.mark.parametrize("events, vm_name, expected", [
     ([], AZURE_VM, None),
-    (azure_events("Preempt")["Events"], AZURE_VM,
+    (azure_events("Preempt", AZURE_NOT_BEFORE)["Events"], AZURE_VM,
      CloudNotice("azure:C7061BAC-AFDC-4513-B24B-AA5F13A16123", DEADLINE_UNIX_S, "Preempt")),
     ([event("Terminate", [AZURE_VM])], AZURE_VM, CloudNotice("azure:e", DEADLINE_UNIX_S, "Terminate")),
     ([event("Preempt", ["other_vm"])], AZURE_VM, None),                        # a neighbour's eviction
