@@ -290,3 +290,33 @@ def test_gpu_power_control_reaches_the_workers_env(args, env):
 def test_gpu_power_control_is_checked_by_the_schema():
     with pytest.raises(Exception, match="powerControl|clock"):
         render("--set", "gpu.powerControl=turbo")
+
+
+def preemption_env(pool: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in pool.get("env", []) if e["name"].startswith("FERRY_WORKER_PREEMPTION_")}
+
+
+@pytest.mark.parametrize("args, env", [
+    ((), {}),
+    (("--set", "spot.metadataSource=aws"), {"FERRY_WORKER_PREEMPTION_SOURCE": "aws",
+                                            "FERRY_WORKER_PREEMPTION_POLL_S": "5",
+                                            "FERRY_WORKER_PREEMPTION_GRACE_S": "30"}),
+    (("--set", "spot.metadataSource=gcp", "--set-json", "spot.pollSeconds=2.5", "--set", "spot.graceSeconds=25"),
+     {"FERRY_WORKER_PREEMPTION_SOURCE": "gcp", "FERRY_WORKER_PREEMPTION_POLL_S": "2.5",
+      "FERRY_WORKER_PREEMPTION_GRACE_S": "25"}),
+    (("--set", "spot.metadataSource=azure", "--set-json",
+      'cluster.pools.decode.env=[{"name":"FERRY_WORKER_PREEMPTION_SOURCE","value":"none"}]'),
+     {"FERRY_WORKER_PREEMPTION_SOURCE": "none", "FERRY_WORKER_PREEMPTION_POLL_S": "5",
+      "FERRY_WORKER_PREEMPTION_GRACE_S": "30"}),
+], ids=["default-off", "aws", "gcp-tuned", "pool-env-wins"])
+def test_spot_preemption_metadata_reaches_the_workers_env(args, env):
+    pools = one(render(*args), "InferenceCluster")["spec"]["pools"]
+    assert preemption_env(pools["decode"]) == env
+    if env:
+        assert preemption_env(pools["prefill"])["FERRY_WORKER_PREEMPTION_POLL_S"] == env["FERRY_WORKER_PREEMPTION_POLL_S"]
+
+
+@pytest.mark.parametrize("args", [("--set", "spot.metadataSource=ibm"), ("--set", "spot.pollSeconds=0")])
+def test_spot_preemption_values_are_checked_by_the_schema(args):
+    with pytest.raises(Exception, match="metadataSource|pollSeconds|spot"):
+        render(*args)
