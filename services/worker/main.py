@@ -8,6 +8,9 @@ time that the `--sim-profile` performance model says, and emits placeholder toke
 else (registration, Prefill/Admit/PushKV, KV hand-off with real bytes, Stats) is the same worker.
 `--model` then only names the served model and, when the folder has a config.json, caps the
 placeholder ids to its vocabulary so that the gateway's tokenizer can decode them.
+
+`--preemption-source aws|gcp|azure` (with a scheduler) polls the cloud's instance metadata for a
+termination notice and tells the scheduler, which drains this worker (preemption_watch.py, docs/spot.md).
 """
 from __future__ import annotations
 
