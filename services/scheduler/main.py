@@ -20,6 +20,7 @@ from services.common.settings import parse_settings, setting
 from services.engine.sim_profile import SimProfile
 from services.gen.ferry.v1 import scheduler_pb2_grpc
 from services.scheduler.autoscaler import Autoscaler, Slo
+from services.scheduler.evacuator import Evacuator
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.migrator import Migrator
 from services.scheduler.persistence import RedisPersistence
@@ -28,6 +29,7 @@ from services.scheduler.policies.autoscale import AutoscaleConfig, PoolBounds
 from services.scheduler.policies.compiled import warm_up
 from services.scheduler.policies.migration import MigrationConfig
 from services.scheduler.policies.power import PowerConfig
+from services.scheduler.policies.preemption import PreemptionConfig
 from services.scheduler.power_controller import PowerController
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.registry import Registry
@@ -61,6 +63,10 @@ class SchedulerSettings:
                                       "migration policies that run (comma-separated; drain is needed for "
                                       "DrainInstance)")
     migration_max_per_round: int = setting(8, "migrations started per round at most")
+    preemption_grace_s: float = setting(30.0, "a preemption notice without a deadline leaves this long (GCP's "
+                                        "notice; AWS gives 120 s and says when)")
+    preemption_safety_margin_s: float = setting(3.0, "a request under a preemption notice finishes in place "
+                                                "only if predicted done this long before the deadline")
     routing_config: str = setting("ferry", "routing policy: a preset (ferry, load_aware, round_robin) or a "
                                   "YAML file of filters, weighted scorers and a picker per profile "
                                   "(docs/scheduler.md#routing)")
@@ -132,6 +138,9 @@ class SchedulerSettings:
         if self.migration_interval_s < 0:
             raise ValueError(f"--migration-interval-s must be >= 0 (0 = off), got {self.migration_interval_s}")
         self.migration_config()               # validates the rest (a ValueError names the setting)
+        self.preemption_config()
+        if not self.preemption_grace_s > 0:
+            raise ValueError(f"--preemption-grace-s {self.preemption_grace_s}: use seconds > 0")
         if self.autoscale_interval_s < 0 or self.autoscale_window_s <= 0:
             raise ValueError(f"--autoscale-interval-s {self.autoscale_interval_s} must be >= 0 (0 = off) and "
                              f"--autoscale-window-s {self.autoscale_window_s} > 0")
@@ -200,6 +209,12 @@ class SchedulerSettings:
         except ValueError as e:
             raise ValueError(f"power (--power-*): {e}") from None
 
+    def preemption_config(self) -> PreemptionConfig:
+        try:
+            return PreemptionConfig(safety_margin_s=self.preemption_safety_margin_s)
+        except ValueError as e:
+            raise ValueError(f"--preemption-safety-margin-s: {e}") from None
+
     def migration_config(self) -> MigrationConfig:
         return MigrationConfig(**{name: name in self.policy_names for name in MIGRATION_POLICIES},
                                load_balance_gap=self.migration_load_balance_gap,
@@ -237,7 +252,9 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     log.info("routing kernel ready in %.1f s", time.perf_counter() - started)
     migrator = None
     if settings.migration_interval_s > 0:
-        migrator = Migrator(registry, settings.migration_config(), metrics, interval_s=settings.migration_interval_s)
+        evacuator = Evacuator(settings.preemption_config(), metrics)
+        migrator = Migrator(registry, settings.migration_config(), metrics, interval_s=settings.migration_interval_s,
+                            evacuator=evacuator)
         log.info("live migration every %g s: %s", settings.migration_interval_s, ", ".join(settings.policy_names))
     metrics.power_budget.set(settings.power_budget_watts)
     autoscaler = None
@@ -246,7 +263,8 @@ async def serve(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     service = SchedulerService(registry, PrefixIndex(settings.prefix_index_size), policy,
                                heartbeat_interval_s=settings.heartbeat_interval_s,
                                expiry_s=settings.instance_expiry_s, persistence=persistence, metrics=metrics,
-                               migrator=migrator, autoscaler=autoscaler)
+                               migrator=migrator, autoscaler=autoscaler,
+                               preemption_grace_s=settings.preemption_grace_s)
     server = aio_server()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
     port = bind(server, settings.host, settings.port)

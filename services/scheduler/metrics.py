@@ -9,6 +9,11 @@
     ferry_scheduler_migration_duration_seconds          histogram: whole migration (all stages)
     ferry_scheduler_migration_bytes_total{reason}       KV bytes moved by completed migrations
     ferry_scheduler_preemption_notices_total{source}    spot-termination notices (NotifyPreemption), by source
+    ferry_scheduler_preempting_instances                instances under a preemption notice now
+    ferry_scheduler_evacuating_requests{action}         their requests by the planner's last decision
+                                                        (finish | migrate | no_room | wait)
+    ferry_scheduler_evacuation_decisions_total{action}  the planner's decisions, counted when a request's changes
+    ferry_scheduler_preemption_deadlines_total{outcome} notices whose deadline came: empty | requests_left
     ferry_scheduler_autoscaler_target_replicas{pool}    what the signals ask for now (within the bounds)
     ferry_scheduler_autoscaler_desired_replicas{pool}   the recommendation: target once its hysteresis held
     ferry_scheduler_autoscaler_decisions_total{pool, direction, reason}   recommendations that changed
@@ -63,6 +68,18 @@ class SchedulerMetrics:
         self.preemption_notices = Counter("ferry_scheduler_preemption_notices", "Preemption notices received "
                                           "by source (node-taint|aws-metadata|gcp-metadata|azure-metadata|admin)",
                                           ["source"], registry=self.registry)
+        self.preempting_instances = Gauge("ferry_scheduler_preempting_instances", "Instances under a preemption "
+                                          "notice now", registry=self.registry)
+        self.evacuating_requests = Gauge("ferry_scheduler_evacuating_requests", "Requests on instances under a "
+                                         "preemption notice, by the planner's last decision "
+                                         "(finish|migrate|no_room|wait)", ["action"], registry=self.registry)
+        self.evacuation_decisions = Counter("ferry_scheduler_evacuation_decisions", "Just-in-time planner "
+                                            "decisions for requests on preempted instances, counted when a "
+                                            "request's decision changes (finish|migrate|no_room|wait)", ["action"],
+                                            registry=self.registry)
+        self.preemption_deadlines = Counter("ferry_scheduler_preemption_deadlines", "Preemption deadlines "
+                                            "reached, by whether the instance was empty (empty|requests_left)",
+                                            ["outcome"], registry=self.registry)
         self.autoscaler_target = Gauge("ferry_scheduler_autoscaler_target_replicas", "Replicas the "
                                        "autoscaler's signals ask for now, per pool", ["pool"], registry=self.registry)
         self.autoscaler_desired = Gauge("ferry_scheduler_autoscaler_desired_replicas", "Replicas the autoscaler "

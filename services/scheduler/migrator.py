@@ -1,6 +1,7 @@
 """`Migrator`: carries out the migration policies — the fast loop's second half (routing is the first).
 
-    every interval:  snapshot ─▶ plan_migrations (pure) ─▶ Worker.Migrate on each source, concurrently
+    every interval:  snapshot ─▶ evacuations of preempted instances (evacuator.py), then
+                     plan_migrations (pure), on one ledger ─▶ Worker.Migrate on each source, concurrently
                      drain(instance): mark it draining here and on the worker; the next rounds move
                      its requests away (the drain policy comes first in every round)
 
@@ -21,8 +22,11 @@ import grpc
 from services.common.cluster import Migration
 from services.common.grpc_util import aio_channel
 from services.gen.ferry.v1 import worker_pb2, worker_pb2_grpc
+from services.scheduler.evacuator import Evacuator
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.policies.migration import MigrationConfig, plan_migrations
+from services.scheduler.policies.migration_ledger import RoundLedger
+from services.scheduler.policies.preemption import PreemptionConfig
 from services.scheduler.registry import Registry
 
 log = logging.getLogger("ferry.scheduler.migrator")
@@ -31,8 +35,10 @@ MIGRATE_TIMEOUT_S = 300.0
 
 class Migrator:
     def __init__(self, registry: Registry, config: MigrationConfig, metrics: SchedulerMetrics, *,
-                 interval_s: float, cooldown_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+                 interval_s: float, cooldown_s: float = 5.0, clock: Callable[[], float] = time.time,
+                 evacuator: Evacuator | None = None) -> None:
         self.registry = registry
+        self.evacuator = evacuator or Evacuator(PreemptionConfig(), metrics, clock=clock)
         self.config = config
         self.metrics = metrics
         self.interval_s = interval_s
@@ -46,7 +52,10 @@ class Migrator:
         now = self.clock()
         self._cooling = {rid: until for rid, until in self._cooling.items() if until > now}
         busy = frozenset(self.in_flight) | frozenset(self._cooling)
-        return plan_migrations(self.registry.snapshot(now), self.config, busy)
+        snapshot = self.registry.snapshot(now)
+        ledger = RoundLedger(snapshot, busy, self.config.growth_margin_tokens)
+        self.evacuator.plan(ledger, now)                # a deadline comes first
+        return plan_migrations(snapshot, self.config, busy, ledger=ledger)
 
     def start_round(self) -> list[asyncio.Task]:
         tasks = []

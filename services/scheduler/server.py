@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -28,6 +29,7 @@ from services.scheduler.autoscaler import Autoscaler
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.migrator import Migrator
 from services.scheduler.persistence import RedisPersistence
+from services.scheduler.policies.preemption import PreemptionNotice
 from services.scheduler.policies.routing import RoutingPolicy, decide, record_route
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.registry import Registry
@@ -39,8 +41,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, registry: Registry, prefix_index: PrefixIndex, policy: RoutingPolicy, *,
                  heartbeat_interval_s: float, expiry_s: float, persistence: RedisPersistence | None = None,
                  metrics: SchedulerMetrics | None = None, clock: Callable[[], float] = time.time,
-                 migrator: Migrator | None = None, autoscaler: Autoscaler | None = None) -> None:
+                 migrator: Migrator | None = None, autoscaler: Autoscaler | None = None,
+                 preemption_grace_s: float = 30.0) -> None:
         self.registry = registry
+        self.preemption_grace_s = preemption_grace_s   # a notice without a deadline gets this long
         self.migrator = migrator
         self.autoscaler = autoscaler
         self.prefix_index = prefix_index
@@ -60,6 +64,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         is_new = self.registry.register(spec, self.clock())
         if not is_new:   # a worker registering again has restarted: its cache is not what we recorded
             self.prefix_index.remove_instance(spec.instance_id)
+            self._forget_notice(spec.instance_id)                # and whatever preemption it had is past
         log.info("%s %s (%s, %s, model %s)", "registered" if is_new else "re-registered",
                  spec.instance_id, spec.role.value, spec.address, spec.model)
         await self._save(spec.instance_id)
@@ -95,19 +100,28 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             num = await self.migrator.drain(request.instance_id, cancel=request.cancel)
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no instance {request.instance_id!r} is registered")
+        if request.cancel:
+            self._forget_notice(request.instance_id)
         await self._save(request.instance_id)
         return scheduler_pb2.DrainInstanceReply(num_requests=num)
 
     async def NotifyPreemption(self, request, context):
-        """The signal path of a spot termination: the instance is drained (live migration moves its
-        requests) and the notice is counted. Deadline-aware planning builds on this (issue 8)."""
+        """A spot termination: the instance is drained at once (no new requests) and its notice goes to
+        the evacuator, which plans each of its requests against the deadline every migration round."""
         if not request.instance_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "instance_id is empty: name the instance to preempt")
+        if not math.isfinite(request.deadline_unix_s) or request.deadline_unix_s < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"deadline_unix_s {request.deadline_unix_s}: give "
+                                "the Unix time the instance goes away, or 0 when the cloud did not say")
         source = request.source or "unknown"
+        now = self.clock()
+        deadline = request.deadline_unix_s or now + self.preemption_grace_s
+        reply = await self.DrainInstance(scheduler_pb2.DrainInstanceRequest(instance_id=request.instance_id), context)
         self.metrics.preemption_notices.labels(source=source.split(":", 1)[0]).inc()
-        left_s = request.deadline_unix_s - time.time() if request.deadline_unix_s else float("nan")
-        log.warning("preemption notice for %s from %s (deadline in %.0f s)", request.instance_id, source, left_s)
-        return await self.DrainInstance(scheduler_pb2.DrainInstanceRequest(instance_id=request.instance_id), context)
+        self.migrator.evacuator.notify(PreemptionNotice(request.instance_id, deadline, source))
+        log.warning("preemption notice for %s from %s: deadline in %.0f s, %d requests to place",
+                    request.instance_id, source, deadline - now, reply.num_requests)
+        return reply
 
     async def ListInstances(self, request, context):
         snapshot = self.registry.snapshot(self.clock())
@@ -117,8 +131,17 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def GetScaleRecommendations(self, request, context):
         if self.autoscaler is None:
             return scheduler_pb2.ScaleRecommendationsReply()
-        return convert.recommendations_to_proto(self.autoscaler.decisions, self.autoscaler.signals,
-                                                self.autoscaler.decided_at)
+        reply = convert.recommendations_to_proto(self.autoscaler.decisions, self.autoscaler.signals,
+                                                 self.autoscaler.decided_at)
+        if self.migrator is not None:
+            # Replacement capacity, asked for now rather than after the instances are gone (SpotServe):
+            # the policy counts a noticed instance out already, the platform still runs it.
+            replacing = self.migrator.evacuator.replacements(self.registry.snapshot(self.clock()))
+            for pool in reply.pools:
+                if replacing.get(pool.pool):
+                    pool.desired += replacing[pool.pool]
+                    pool.reason = "preemption"
+        return reply
 
     async def _route(self, request, context) -> scheduler_pb2.RouteReply:
         try:
@@ -168,7 +191,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             except TimeoutError:
                 pass
 
+    def _forget_notice(self, instance_id: str) -> None:
+        if self.migrator is not None:
+            self.migrator.evacuator.forget(instance_id)
+
     async def _forget(self, instance_id: str, why: str) -> None:
+        self._forget_notice(instance_id)
         if self.registry.deregister(instance_id):
             log.info("%s %s", why, instance_id)
         self.prefix_index.remove_instance(instance_id)

@@ -178,6 +178,31 @@ def test_metrics(scheduler):
     assert "ferry_scheduler_route_duration_seconds_bucket" in text
 
 
+def test_preemption_notice_drains_at_once_and_is_kept_until_the_instance_leaves(scheduler):
+    def gauge(name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{scheduler.metrics_port}/metrics", timeout=5).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    scheduler.register("pre-d1", common_pb2.ROLE_DECODE, "m-pre")
+    scheduler.beat("pre-d1")
+    notify = scheduler.stub.NotifyPreemption
+    code, details = status_of(lambda: notify(scheduler_pb2.PreemptionNotice(
+        instance_id="pre-d1", deadline_unix_s=float("nan")), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "deadline_unix_s" in details
+    assert not scheduler.instances()["pre-d1"].load.draining             # a rejected notice changes nothing
+    code, _ = status_of(lambda: notify(scheduler_pb2.PreemptionNotice(instance_id="pre-nobody"), timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert gauge("ferry_scheduler_preempting_instances") == 0
+
+    notify(scheduler_pb2.PreemptionNotice(instance_id="pre-d1", source="gcp-metadata"), timeout=5)   # no deadline
+    assert scheduler.instances()["pre-d1"].load.draining                 # not routed to any more
+    code, _ = status_of(lambda: scheduler.route("m-pre"))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert gauge("ferry_scheduler_preempting_instances") == 1
+    scheduler.stub.Deregister(scheduler_pb2.DeregisterRequest(instance_id="pre-d1"), timeout=5)
+    assert gauge("ferry_scheduler_preempting_instances") == 0
+
+
 # --- Redis persistence -----------------------------------------------------------------------------
 
 @pytest.fixture
