@@ -6,6 +6,7 @@
     ferry bench --base-url http://127.0.0.1:8000 ...
     ferry profile --model models/SmolLM2-135M-Instruct --device cpu --out services/engine/profiles/NAME.yaml
     ferry sim --trace ../shared/data/traces/azure_llm_2023_conv.csv --config llama3-8b-h100-disagg
+    ferry admin instances | drain INSTANCE | preempt INSTANCE --in 30
 
 Each subcommand imports its service only when it runs, so ``ferry --help`` stays fast and a
 subcommand's heavy dependencies (torch, transformers) load only when needed. Everything after the
@@ -70,6 +71,13 @@ def _sim(argv: list[str]) -> int:
     return int(sim_main(argv) or 0)
 
 
+def _admin(argv: list[str]) -> int:
+    """Operate a running scheduler (``services.scheduler.admin``)."""
+    from services.scheduler.admin import main as admin_main
+
+    return int(admin_main(argv) or 0)
+
+
 COMMANDS: dict[str, tuple[Handler, str]] = {
     "generate": (_generate, "generate text with the engine (options: ferry generate --help)"),
     "serve": (_serve, f"run one service: {', '.join(SERVICES)} (ferry serve NAME --help)"),
@@ -77,6 +85,7 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
     "bench": (_bench, "benchmark an OpenAI-compatible endpoint (ferry bench --help)"),
     "profile": (_profile, "measure the engine and write its sim profile YAML (ferry profile --help)"),
     "sim": (_sim, "simulate a cluster over a trace with the live policies (ferry sim --help)"),
+    "admin": (_admin, "operate a running scheduler: instances, drain, preempt (ferry admin --help)"),
 }
 
 
