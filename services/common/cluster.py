@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 
 
 class Role(enum.Enum):
@@ -137,6 +138,14 @@ class ClusterSnapshot:
 
     def serving(self, model: str) -> tuple[InstanceState, ...]:
         return tuple(i for i in self.instances if i.spec.model == model)
+
+    def without(self, instance_ids: Iterable[str]) -> ClusterSnapshot:
+        """The same snapshot minus `instance_ids` (a resumed request must not go back to the instance
+        it just lost, which may still look healthy until its heartbeats are overdue)."""
+        excluded = set(instance_ids)
+        if not excluded:
+            return self
+        return replace(self, instances=tuple(i for i in self.instances if i.instance_id not in excluded))
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,7 +149,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         except ValueError as e:
             self.metrics.route_decisions.labels(result="invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        snapshot = self.registry.snapshot(self.clock())
+        snapshot = self.registry.snapshot(self.clock()).without(request.exclude_instance_ids)
         started = time.perf_counter()
         decision = decide(snapshot, req, self.policy, self.prefix_index, ordinal=self.num_route_calls)
         self.metrics.routing_decision.observe(time.perf_counter() - started)

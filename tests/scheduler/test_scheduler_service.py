@@ -53,7 +53,8 @@ class Scheduler:
     def route(self, model: str, keys=(), request_id: str = "r", **kw) -> scheduler_pb2.RouteReply:
         return self.stub.Route(scheduler_pb2.RouteRequest(
             request_id=request_id, model=model, block_keys=list(keys),
-            num_prompt_tokens=kw.get("prompt", 64), max_tokens=kw.get("max_tokens", 64)), timeout=5)
+            num_prompt_tokens=kw.get("prompt", 64), max_tokens=kw.get("max_tokens", 64),
+            exclude_instance_ids=kw.get("exclude", ())), timeout=5)
 
     def instances(self) -> dict[str, scheduler_pb2.InstanceStatus]:
         reply = self.stub.ListInstances(scheduler_pb2.ListInstancesRequest(), timeout=5)
@@ -138,6 +139,20 @@ def test_colocated_instance_does_both(scheduler):
     scheduler.beat("co-b2", running=0)
     reply = scheduler.route("m-colo")
     assert reply.prefill.instance_id == reply.decode.instance_id == "co-b2"
+
+
+def test_excluded_instances_are_not_routed_to_although_healthy(scheduler):
+    for name, role in [("ex-p1", common_pb2.ROLE_PREFILL), ("ex-d1", common_pb2.ROLE_DECODE),
+                       ("ex-d2", common_pb2.ROLE_DECODE)]:
+        scheduler.register(name, role, "m-exclude")
+    scheduler.beat("ex-p1")
+    scheduler.beat("ex-d1", free=90)
+    scheduler.beat("ex-d2", free=10)
+    assert scheduler.route("m-exclude", request_id="x1").decode.instance_id == "ex-d1"
+    assert scheduler.route("m-exclude", request_id="x2", exclude=["ex-d1"]).decode.instance_id == "ex-d2"
+    code, details = status_of(lambda: scheduler.route("m-exclude", request_id="x3", exclude=["ex-d1", "ex-d2"]))
+    assert code == grpc.StatusCode.UNAVAILABLE and "no decode instance" in details
+    assert scheduler.route("m-exclude", request_id="x4").decode.instance_id == "ex-d1"   # only that call
 
 
 def test_heartbeat_timeout_makes_an_instance_unhealthy(scheduler):
