@@ -106,7 +106,7 @@ async def _generate(gw: Gateway, request: Request, kind: str) -> Response:
         return _error(gw, endpoint, e)
     gen = Generation(plan, prefix="cmpl" if kind == "completion" else "chatcmpl", sink=gw.sink,
                      sink_address=gw.sink_address, scheduler=gw.scheduler, channels=gw.channels,
-                     tokenizer=gw.tokenizer, token_timeout_s=gw.token_timeout_s)
+                     tokenizer=gw.tokenizer, token_timeout_s=gw.token_timeout_s, metrics=gw.metrics)
     try:
         await gen.start()
     except GenerationError as e:

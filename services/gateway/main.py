@@ -51,6 +51,7 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
     from services.gateway.metrics import SLO, GatewayMetrics
     from services.gateway.scheduler_client import SchedulerClient
     from services.gateway.token_sink import TokenSink
+    from services.gateway.worker_watch import WorkerWatch
 
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, s.model)
     sink = TokenSink()
@@ -66,6 +67,9 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
             channels[address] = aio_channel(address)
         return channels[address]
 
+    watch = WorkerWatch(sink, channel)              # a worker gone mid-request: its requests resume
+    sink.on_push_ended = watch.push_ended
+    scheduler.on_refresh = watch.scheduler_listed
     metrics = GatewayMetrics(SLO(ttft_s=s.slo_ttft_ms / 1000, tpot_s=s.slo_tpot_ms / 1000))
     gw = Gateway(tokenizer=tokenizer, sink=sink, sink_address=s.sink_advertise_address or f"{s.host}:{sink_port}",
                  scheduler=scheduler, channels=channel, metrics=metrics, token_timeout_s=s.token_timeout_s)

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.gateway.resume import MAX_RESUMES
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# How a lost worker showed (generation.py, worker_watch.py): its Push stream ended and it did not answer;
+# it said it is stopping (after checkpointing its KV); a Prefill (or its KV hand-off) failed as
+# UNAVAILABLE; the scheduler stopped hearing from it.
+RESUME_REASONS = ("worker_lost", "worker_stopping", "prefill_failed", "scheduler")
 TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
 
 
@@ -49,6 +55,19 @@ class GatewayMetrics:
                                      registry=r)
         self.aborted = Counter("ferry_gateway_client_disconnects", "Requests aborted because the client left",
                                registry=r)
+        self.resumes = Counter("ferry_gateway_request_resumes", "Requests resumed on another worker after losing "
+                               "theirs, by how the loss showed", ["reason"], registry=r)
+        for reason in RESUME_REASONS:
+            self.resumes.labels(reason)
+        self.resumes_exhausted = Counter("ferry_gateway_request_resumes_exhausted",
+                                         f"Requests that lost their worker more than {MAX_RESUMES} times "
+                                         "and ended with an error", registry=r)
+        self.resume_prompt_tokens = Counter("ferry_gateway_resume_prompt_tokens",
+                                            "Prompt tokens of resumed attempts (the prompt + output so far)",
+                                            registry=r)
+        self.resume_cached_tokens = Counter("ferry_gateway_resume_cached_tokens",
+                                            "Prompt tokens of resumed attempts served from a KV cache "
+                                            "(e.g. the lost worker's checkpoint in the kvstore)", registry=r)
         self.slo_requests = Counter("ferry_gateway_slo_requests",
                                     "Successfully finished generation requests by whether they met the SLO",
                                     ["slo", "result"], registry=r)

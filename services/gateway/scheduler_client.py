@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -30,6 +31,8 @@ class SchedulerClient:
         self._channel = aio_channel(address)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self.models: dict[str, ModelInfo] = {}
+        self.instance_ids: dict[str, str] = {}          # address -> instance id, as last listed
+        self.on_refresh: Callable[[set[str]], None] | None = None   # called with the healthy addresses
 
     async def route(self, request: scheduler_pb2.RouteRequest) -> tuple[common_pb2.Instance, common_pb2.Instance]:
         try:
@@ -48,6 +51,13 @@ class SchedulerClient:
             if status.healthy and (known is None or inst.max_model_len < known.max_model_len):
                 models[inst.model] = ModelInfo(inst.model, inst.block_size, inst.max_model_len)
         self.models = models
+        self.instance_ids.update({s.instance.address: s.instance.instance_id for s in reply.instances})
+        if self.on_refresh is not None:
+            self.on_refresh({s.instance.address for s in reply.instances if s.healthy})
+
+    def instance_id_at(self, address: str) -> str:
+        """The instance serving at `address` when the scheduler last listed it ("" if never)."""
+        return self.instance_ids.get(address, "")
 
     async def keep_refreshed(self, interval_s: float = 1.0) -> None:
         while True:

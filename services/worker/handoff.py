@@ -27,6 +27,7 @@ class Tracked:
     priority: int = 0                    # common_pb2.Priority
     num_store_blocks: int = 0            # leading prompt blocks the kvstore already has
     sent_blocks: int = 0                 # blocks already staged to the decode worker
+    output_offset: int = 0               # output position of its first token here (a resumed request)
 
 
 @dataclass

@@ -82,6 +82,9 @@ class WorkerSettings:
                                            "http://169.254.169.254 or http://metadata.google.internal)")
     preemption_poll_s: float = setting(5.0, "seconds between looks at the metadata service")
     preemption_grace_s: float = setting(30.0, "time left to assume when the cloud names no deadline (GCP)")
+    shutdown_checkpoint_s: float = setting(10.0, "on SIGTERM, at most this long to write the running requests' "
+                                           "KV to the kvstore before the gateway resumes them elsewhere "
+                                           "(0: no checkpoint; they are recomputed)")
     preemption_vm_name: str = setting("", "azure: this VM's name in scheduled events (default: read from "
                                       "the instance metadata)")
 
@@ -111,6 +114,8 @@ class WorkerSettings:
         if self.preemption_poll_s <= 0 or self.preemption_grace_s <= 0:
             raise ValueError(f"preemption_poll_s ({self.preemption_poll_s}) and preemption_grace_s "
                              f"({self.preemption_grace_s}) must be > 0")
+        if self.shutdown_checkpoint_s < 0:
+            raise ValueError(f"shutdown_checkpoint_s {self.shutdown_checkpoint_s}: use 0 (no checkpoint) or more")
         if not -1 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port {self.metrics_port}: use -1 (off), 0 (any free port) or a port")
 
@@ -244,6 +249,12 @@ async def serve(s: WorkerSettings, stop: asyncio.Event) -> None:
     for task in (registration, watching):
         if task is not None:
             await task
+    # Requests still here (the scheduler could not migrate them) resume elsewhere now, not after the
+    # gateway's timeout: their KV goes to the kvstore first, so the resume is a prefix hit.
+    released = await servicer.release_all(s.shutdown_checkpoint_s)
+    await servicer.pusher.finish(timeout=5)
+    if released:
+        log.info("released %d requests to resume elsewhere", released)
     await server.stop(grace=2)
     await servicer.close()
     if kvstore is not None:

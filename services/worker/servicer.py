@@ -30,6 +30,7 @@ from services.engine.engine import BaseEngine, RequestOutput
 from services.engine.kv_transfer import KVLayoutMismatch
 from services.gen.ferry.v1 import common_pb2, token_sink_pb2, worker_pb2, worker_pb2_grpc
 from services.kvstore.client import KVStoreClient
+from services.worker.checkpoint import take_checkpoints
 from services.worker.engine_loop import EngineLoop
 from services.worker.handoff import StepResult, Tracked, after_step
 from services.worker.kv_stream import StageQueue, read_stages
@@ -107,11 +108,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if hand_off:
             await self._admit_on(request.decode_address, worker_pb2.AdmitRequest(
                 request_id=rid, sink_address=request.sink_address, num_tokens=len(prompt) + params.max_tokens,
-                priority=request.priority), context)
+                priority=request.priority, output_offset=request.output_offset), context)
         keys = chain_keys(prompt, self.engine.layout.block_size)[:(len(prompt) - 1) // self.engine.layout.block_size]
         num_store, fetched = await self._fetch_prefix(keys)
         tracked = Tracked(rid, request.sink_address, hand_off, priority=request.priority,
-                          num_store_blocks=num_store)
+                          num_store_blocks=num_store, output_offset=request.output_offset)
         flight = Flight(tracked, asyncio.get_running_loop().create_future(),
                         decode_address=request.decode_address)
         self.flights[rid] = flight
@@ -182,7 +183,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             except (OutOfBlocks, ValueError) as e:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"cannot reserve {request.reserve_blocks} KV blocks for {rid}: {e}")
-        flight = Flight(Tracked(rid, request.sink_address, hand_off=False, priority=request.priority),
+        flight = Flight(Tracked(rid, request.sink_address, hand_off=False, priority=request.priority,
+                                output_offset=request.output_offset),
                         asyncio.get_running_loop().create_future())
         self.flights[rid] = flight
         asyncio.get_running_loop().call_later(ADMIT_TIMEOUT_S, self._expire_admission, flight)
@@ -201,8 +203,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             async for payload in read_stages(request_iterator):
                 rid = payload.request_id
                 flight = self.flights.get(rid)
-                if flight is None:
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                if flight is None:          # a stopping worker dropped it: the request resumes elsewhere
+                    await context.abort(grpc.StatusCode.UNAVAILABLE if self.draining else
+                                        grpc.StatusCode.FAILED_PRECONDITION,
                                         f"{rid} was not admitted here (call Admit first)")
                 if not flight.kv_started:
                     flight.kv_started, flight.kv_started_at = True, time.perf_counter()
@@ -264,7 +267,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if rid in self.migrations:
             return worker_pb2.MigrateReply(migrated=False, reason=f"{rid} is already migrating")
         tracked = flight.tracked
-        admit = worker_pb2.AdmitRequest(request_id=rid, sink_address=tracked.sink, priority=tracked.priority)
+        admit = worker_pb2.AdmitRequest(request_id=rid, sink_address=tracked.sink, priority=tracked.priority,
+                                        output_offset=tracked.output_offset)
         task = asyncio.create_task(self._migrate(request, admit))
         self.migrations[rid] = (task, destination)
         try:
@@ -301,7 +305,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def _on_step(self, result: StepResult) -> None:
         by_sink: dict[str, list[token_sink_pb2.TokenEvent]] = {}
         for tracked, out in result.outputs:
-            by_sink.setdefault(tracked.sink, []).append(_event(out))
+            by_sink.setdefault(tracked.sink, []).append(_event(out, tracked.output_offset))
             flight = self.flights.get(out.request_id)
             if flight is None:
                 continue
@@ -457,6 +461,38 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                  for rid, f in self.flights.items() if f.waiting_tokens and rid not in listed]
         return rows
 
+    # ---- stopping ---------------------------------------------------------------------------
+    async def release_all(self, checkpoint_timeout_s: float) -> int:
+        """On the way out (SIGTERM): take no more work, write each running request's full KV blocks to
+        the kvstore (checkpoint.py; at most `checkpoint_timeout_s`, 0: no checkpoint), then drop every
+        request here and tell its gateway to resume it elsewhere at once (finish_reason "resume").
+        Returns how many requests were released."""
+        self.draining = True
+        write = self.kvstore is not None and checkpoint_timeout_s > 0
+        checkpoints = {c.request_id: c for c in await self.loop.call(take_checkpoints, self.tracked, write)}
+        if write and checkpoints:
+            started = time.perf_counter()
+            writes = asyncio.gather(*(self._store(c.keys, c.data) for c in checkpoints.values() if c.keys))
+            try:
+                await asyncio.wait_for(writes, checkpoint_timeout_s)
+                log.info("checkpointed %d requests (%d KV blocks) to the kvstore in %.0f ms", len(checkpoints),
+                         sum(c.num_blocks for c in checkpoints.values()), (time.perf_counter() - started) * 1e3)
+            except TimeoutError:
+                log.warning("KV checkpoint not done in %.1f s; the rest is recomputed", checkpoint_timeout_s)
+        by_sink: dict[str, list[token_sink_pb2.TokenEvent]] = {}
+        for rid, flight in list(self.flights.items()):
+            done = checkpoints.get(rid)
+            by_sink.setdefault(flight.tracked.sink, []).append(token_sink_pb2.TokenEvent(
+                request_id=rid, index=done.next_index if done else 0, finish_reason="resume"))
+            if flight.sender is not None:
+                flight.sender.cancel()
+            _settle(flight.prefill_done, error=(grpc.StatusCode.UNAVAILABLE, f"worker {self.instance_id} is stopping"))
+            self._forget(rid)
+            await self.loop.call(lambda e, rid=rid: e.abort(rid))      # staged or reserved KV too
+        for sink, events in by_sink.items():
+            self.pusher.push(sink, events)
+        return sum(len(events) for events in by_sink.values())
+
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
             self._channels[address] = aio_channel(address)
@@ -487,9 +523,10 @@ def _settle(future: asyncio.Future, result=None, error: tuple[grpc.StatusCode, s
         future.set_result(result)
 
 
-def _event(out: RequestOutput) -> token_sink_pb2.TokenEvent:
+def _event(out: RequestOutput, output_offset: int = 0) -> token_sink_pb2.TokenEvent:
+    """`output_offset`: a resumed request's tokens continue where the client is (PrefillRequest)."""
     return token_sink_pb2.TokenEvent(
-        request_id=out.request_id, index=out.num_output_tokens - len(out.new_token_ids),
+        request_id=out.request_id, index=output_offset + out.num_output_tokens - len(out.new_token_ids),
         token_ids=out.new_token_ids, finish_reason=out.finish_reason or "",
         stop_reason="" if out.stop_reason is None else str(out.stop_reason),
         num_prompt_tokens=out.num_prompt_tokens)

@@ -22,7 +22,7 @@ RETRY_DELAY_S = 0.2
 class TokenPusher:
     def __init__(self, worker_address: str = "") -> None:
         self.worker_address = worker_address      # sent with every batch: the gateway aborts there
-        self._queues: dict[str, asyncio.Queue[pb.TokenBatch]] = {}
+        self._queues: dict[str, asyncio.Queue[pb.TokenBatch | None]] = {}   # None: end the stream
         self._tasks: dict[str, asyncio.Task] = {}
 
     def push(self, sink: str, events: list[pb.TokenEvent]) -> None:
@@ -37,22 +37,36 @@ class TokenPusher:
         queue = self._queues[sink]
         channel = aio_channel(sink)
         stub = pb_grpc.TokenSinkStub(channel)
+        ended = False                           # finish() queued the end: close the stream cleanly
+
+        async def batches(first: pb.TokenBatch):
+            nonlocal ended
+            yield first
+            while (batch := await queue.get()) is not None:
+                yield batch
+            ended = True
+
         try:
-            while True:
+            while not ended:
                 batch = await queue.get()       # open a stream only when there is something to send
-
-                async def batches(first: pb.TokenBatch = batch):
-                    yield first
-                    while True:
-                        yield await queue.get()
-
+                if batch is None:
+                    return
                 try:
-                    await stub.Push(batches())
+                    await stub.Push(batches(batch))
                 except grpc.aio.AioRpcError as e:
                     log.warning("token stream to %s broke (%s); reopening", sink, e.code().name)
                     await asyncio.sleep(RETRY_DELAY_S)
         finally:
             await channel.close()
+
+    async def finish(self, timeout: float) -> None:
+        """Send everything queued and end each stream cleanly (the gateway has it all once its Push
+        returns), waiting at most `timeout`; then `close()`."""
+        for queue in self._queues.values():
+            queue.put_nowait(None)
+        if self._tasks:
+            await asyncio.wait(self._tasks.values(), timeout=timeout)
+        await self.close()
 
     async def close(self) -> None:
         for task in self._tasks.values():
