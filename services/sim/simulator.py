@@ -629,7 +629,7 @@ class Simulator:
                 raise ValueError(f"spot event at {event.at_s}s preempts unknown instance {event.preempt!r}")
             i = self.ids.index(event.preempt)
             self.spot["notices"] += 1
-            self.draining[i] = self.spec.preemption == "planner"      # reroute: the notice goes unheeded
+            self.draining[i] = self.spec.preemption == "planner"      # reroute, restart: the notice goes unheeded
             self.down_at[i] = event.at_s + event.notice_s
             return
         pool = next((p for p in self.spec.pools if p.name == event.add), None)
@@ -646,19 +646,24 @@ class Simulator:
             run = self.running
             mine = run.inst == i
             ctx = (run.ctx0[mine] + self.dec_steps[i] - run.join[mine]).astype(np.int64)
-            self.reroutes.append(req=run.req[mine], t=now, ctx=ctx,
-                                 left=np.ceil(run.target[mine] - self.dec_steps[i]).astype(np.int64))
+            self._reroute(run.req[mine], now, ctx, np.ceil(run.target[mine] - self.dec_steps[i]).astype(np.int64))
             self.spot["requests_rerouted"] += int(mine.sum())
             self._leave(mine)
             for q, ctx_name in ((self.prefill, "ctx"), (self.inbox, "ctx")):
                 lost = (q.inst == i) | ((q.dest == i) if q is self.prefill else False)
                 if lost.any():
                     self.spot["requests_rerouted"] += int(lost.sum())
-                    self.reroutes.append(req=q.req[lost], t=now, ctx=getattr(q, ctx_name)[lost] - 1,
-                                         left=q.left[lost])
+                    self._reroute(q.req[lost], now, getattr(q, ctx_name)[lost] - 1, q.left[lost])
                     q.keep(~lost)
             self.remove_instance(i)
         return len(dead) > 0
+
+    def _reroute(self, req: np.ndarray, now: float, ctx: np.ndarray, left: np.ndarray) -> None:
+        """Route killed requests again: from their tokens so far (recompute the context), or, with
+        `preemption: restart`, from scratch (the partial output is discarded and generated again)."""
+        if self.spec.preemption == "restart":
+            ctx, left = self.prompt[req], self.output[req] - 1
+        self.reroutes.append(req=req, t=now, ctx=ctx, left=left)
 
     # -- accounting ------------------------------------------------------------------------------------
     def _account(self, dt: float) -> None:

@@ -9,7 +9,7 @@ SLOs and the spot availability events — one YAML file (services/sim/configs/*.
                          the clock range of the power model)
     network              kv_bandwidth_bytes_per_s, kv_latency_s (prefill → decode and migration copies)
     scheduler            routing (preset or YAML path), heartbeat_interval_s, migration_interval_s (0 = off),
-                         migration_load_balance_gap, prefix_index_capacity, preemption (planner | reroute)
+                         migration_load_balance_gap, prefix_index_capacity, preemption (planner | reroute | restart)
     kvstore_blocks       blocks the kvstore keeps (LRU, trace-block granularity); 0 = no kvstore
     slo                  ttft_s, tpot_s (goodput and attainment)
     power_budget_watts   the power budget: drawn on the power plot, kept by the controller (0 = none)
@@ -39,7 +39,7 @@ from services.scheduler.policies.autoscale import AutoscaleConfig, PoolBounds
 from services.sim.spot_trace import SpotEvent, SpotMarket
 
 __all__ = ["ClusterSpec", "SpotEvent", "SpotMarket", "load_spec", "spec_from_mapping"]
-PREEMPTION_MODES = ("planner", "reroute")
+PREEMPTION_MODES = ("planner", "reroute", "restart")
 
 CONFIGS = Path(__file__).parent / "configs"
 POOL_ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "colocated": Role.BOTH}
@@ -122,7 +122,9 @@ class ClusterSpec:
     heartbeat_interval_s: float = 0.1
     migration_interval_s: float = 0.0
     migration_load_balance_gap: float = 16.0
-    preemption: str = "planner"     # planner: a notice stops routing, evacuation plans each round; reroute: ignored
+    # planner: a notice stops routing, evacuation plans each round; reroute: notices ignored, a killed instance's
+    # requests recompute their tokens so far elsewhere; restart: the same, but they start again from scratch
+    preemption: str = "planner"
     prefix_index_capacity: int = 1_000_000
     kvstore_blocks: int = 0
     slo_ttft_s: float = 2.0
