@@ -217,3 +217,26 @@ async def test_a_request_that_keeps_losing_workers_ends_with_a_clear_error():
     assert info.value.status == 503 and "lost its worker" in str(info.value)
     assert len(cluster.prefills) == MAX_RESUMES + 1
     assert metrics.resumes_exhausted._value.get() == 1
+
+
+async def test_a_prefill_that_fails_unavailable_before_the_first_token_is_routed_again():
+    sink, metrics = TokenSink(), GatewayMetrics()
+    cluster = Cluster(sink, finish_on=1)
+    calls = []
+    prefill = cluster.Prefill
+
+    async def failing_first(address, request):
+        calls.append(address)
+        if len(calls) == 1:
+            cluster.dead.add(address)                   # the prefill worker died: it does not answer
+            raise unavailable("Socket closed")
+        return await prefill(address, request)
+
+    cluster.Prefill = failing_first
+    gen = generation(sink, cluster, metrics, max_tokens=2)
+    await gen.start()
+    events = [e async for e in gen.events()]
+    assert "".join(t for t, _ in events) == "ab" and events[-1][1] == "length"
+    assert calls == ["p1:1", "p2:1"] and list(cluster.routes[1].exclude_instance_ids) == ["p1"]
+    assert cluster.prefills[0].output_offset == 0 and list(cluster.prefills[0].prompt_token_ids) == [100, 101]
+    assert metrics.resumes.labels("prefill_failed")._value.get() == 1
