@@ -6,7 +6,7 @@ MODEL_DIR ?= models/SmolLM2-135M-Instruct
 # Marks a completed dependency install; redone when pyproject.toml changes (or delete it to force).
 STAMP     = $(VENV)/.ferry-install.stamp
 
-.PHONY: install run test test-fast bench lint proto k8s-toolchain e2e e2e-kind images sim-scale sim-experiments sim-autoscaling
+.PHONY: install run test test-fast bench lint proto k8s-toolchain e2e e2e-kind images sim-scale sim-experiments sim-autoscaling sim-spot sim-power
 
 install: $(STAMP) proto
 	$(PY) -m services.engine.prepare_model --out $(MODEL_DIR)
@@ -86,6 +86,14 @@ sim-experiments:
 sim-autoscaling:
 	HF_HUB_OFFLINE=1 $(PY) bench/sim_autoscaling.py --json docs/benchmarks/autoscaling/autoscaling_cpu.json \
 		--plot docs/benchmarks/autoscaling/replicas.png
+
+# sim-spot: the preemption planner vs reroute-on-kill and restart, spot vs on-demand cost; sim-power: POLCA,
+# 1.3x the instances the power budget fits, capped vs uncapped (docs/benchmarks/spot-power.md, ~5 / ~1 min).
+sim-spot:
+	$(PY) bench/sim_spot.py --json docs/benchmarks/spot-power/spot_gcp_cpu.json
+
+sim-power:
+	$(PY) bench/sim_power.py --json docs/benchmarks/spot-power/power_cpu.json
 
 lint:
 	@if $(PY) -m ruff --version >/dev/null 2>&1; then \
