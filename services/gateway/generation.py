@@ -225,7 +225,8 @@ class Generation:
         self.num_resumes += 1
         if self.metrics is not None:
             self.metrics.resumes.labels(lost.reason).inc()
-        _spawn(self._abort_attempt(old, old.may_hold | {lost.worker} - {""}))
+        # wherever the lost attempt may still run (a worker that only seemed gone, a migration's destination)
+        _spawn(self._abort_attempt(old, (old.may_hold | self._stream.workers | {lost.worker}) - {""}))
         if self.num_resumes > MAX_RESUMES:
             if self.metrics is not None:
                 self.metrics.resumes_exhausted.inc()
