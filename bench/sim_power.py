@@ -103,9 +103,9 @@ def main() -> int:
     p.add_argument("--decode", type=int, default=4)
     p.add_argument("--oversubscription", type=float, default=1.3, help="instances / instances the budget fits")
     p.add_argument("--interval-s", type=float, default=5.0, help="the controller's period")
-    p.add_argument("--prefill-clock-mhz", type=float, default=1980.0,
-                   help="power.default_clock_mhz: the cap of pools without a TPOT step model (prefill) below the "
-                        "emergency level; 1980 = never (prefill is compute-bound: a cap costs it 1/f)")
+    p.add_argument("--prefill-max-utilization", type=float, default=0.7,
+                   help="power.prefill_max_utilization: a prefill GPU (no TPOT step model) is capped no lower than "
+                        "the clock that keeps it this busy (prefill is compute-bound: busy ~ 1/f)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec value")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--json", type=Path)
@@ -126,7 +126,7 @@ def main() -> int:
     # the budget-fitting cluster keeps the pools' proportions (at least one of each)
     fit_decode = max(1, round(fitting * args.decode / instances))
     base = [f"power_budget_watts={budget}", f"power.interval_s={args.interval_s}",
-            f"power.default_clock_mhz={args.prefill_clock_mhz}", *args.set]
+            f"power.prefill_max_utilization={args.prefill_max_utilization}", *args.set]
     sizes = lambda p_, d_: [f"pools.prefill.replicas={p_}", f"pools.decode.replicas={d_}"]
     runs = [(base + sizes(args.prefill, args.decode) + ["power.control=true"], "capped"),
             (base + sizes(args.prefill, args.decode) + ["power.control=false"], "uncapped"),

@@ -110,7 +110,8 @@ class SchedulerSettings:
                                          "time, high first)")
     power_gpu: str = setting("h100-sxm", "the workers' GPU type: clock range and power model (h100-sxm, "
                              "h200-sxm)")
-    power_default_clock_mhz: float = setting(1410.0, "cap of instances without a TPOT model (prefill pools)")
+    power_prefill_max_utilization: float = setting(0.7, "a GPU without a TPOT model (prefill) is capped no lower "
+                                                   "than the clock that keeps it this busy (its TTFT queue)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -205,7 +206,7 @@ class SchedulerSettings:
                                threshold1=self.power_threshold1, threshold2=self.power_threshold2,
                                low_priority_pools=pools, uncap_margin=self.power_uncap_margin,
                                uncap_after_s=self.power_uncap_after_s, tpot_slo_s=self.slo_tpot_ms / 1000,
-                               default_clock_mhz=self.power_default_clock_mhz)
+                               prefill_max_utilization=self.power_prefill_max_utilization)
         except ValueError as e:
             raise ValueError(f"power (--power-*): {e}") from None
 

@@ -60,7 +60,7 @@ def power_config(spec: ClusterSpec) -> PowerConfig:
                        threshold1=p.threshold1, threshold2=p.threshold2,
                        low_priority_pools=frozenset(x.strip() for x in p.low_priority_pools.split(",") if x.strip()),
                        uncap_margin=p.uncap_margin, uncap_after_s=p.uncap_after_s, tpot_slo_s=spec.slo_tpot_s,
-                       default_clock_mhz=p.default_clock_mhz, emergency_target=p.emergency_target)
+                       prefill_max_utilization=p.prefill_max_utilization, emergency_target=p.emergency_target)
 
 
 class PowerLoop:

@@ -85,7 +85,7 @@ class PowerSpec:
     low_priority_pools: str = "decode"      # comma separated roles: prefill, decode, both
     uncap_margin: float = 0.05
     uncap_after_s: float = 30.0
-    default_clock_mhz: float = 1410.0
+    prefill_max_utilization: float = 0.7
     emergency_target: float = 0.90
 
     def __post_init__(self) -> None:

@@ -2,6 +2,8 @@
 emergency cap, hysteresis to uncap, and the SLO-aware clock; table-driven cases, then properties."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -61,17 +63,34 @@ def test_threshold1_caps_the_decode_pool_alone_at_its_slo_clock():
     assert all(c.watts == H100_SXM.power_limit_for(clock) for c in decision.caps)
 
 
-def test_threshold2_caps_high_priority_too_prefill_at_the_default_clock():
-    decision, _ = decide(CONFIG, cluster(650), PowerState(), now=0)          # 3900 W > T2 (3800)
+def light_prefill(prefill_watts: float, decode_watts: float) -> tuple[GpuInstance, ...]:
+    return tuple(gpu(f"p{n}", "prefill", prefill_watts) for n in range(3)) + \
+        tuple(gpu(f"d{n}", "decode", decode_watts) for n in range(3))
+
+
+def test_threshold2_caps_high_priority_too_prefill_at_its_utilization_clock():
+    instances = light_prefill(400, 700)                                      # 3300 W: budget 3400, T2 3230
+    decision, _ = decide(dataclasses.replace(CONFIG, budget_watts=3400), instances, PowerState(), now=0)
     assert decision.level is PowerLevel.THRESHOLD2
     caps = capped(decision)
     assert set(caps) == {"p0", "p1", "p2", "d0", "d1", "d2"}
-    assert caps["p0"] == CONFIG.default_clock_mhz
+    # compute-bound: at the cap its busy share grows by f_max / f and stays within the limit, one step
+    # lower it would not
+    busy = H100_SXM.utilization_at(instances[0].power_watts)
+    assert busy * H100_SXM.max_clock_mhz / caps["p0"] <= CONFIG.prefill_max_utilization
+    assert busy * H100_SXM.max_clock_mhz / (caps["p0"] - H100_SXM.clock_step_mhz) > CONFIG.prefill_max_utilization
+
+
+def test_a_saturated_prefill_gpu_is_not_capped_before_an_emergency():
+    saturated = light_prefill(H100_SXM.peak_watts, 600)                      # 3900 W > T2 (3800)
+    decision, _ = decide(CONFIG, saturated, PowerState(), now=0)
+    assert decision.level is PowerLevel.THRESHOLD2
+    assert not {"p0", "p1", "p2"} & set(capped(decision))
 
 
 def test_which_pools_are_low_priority_is_configurable():
-    config = PowerConfig(budget_watts=BUDGET, low_priority_pools=frozenset({"prefill"}))
-    decision, _ = decide(config, cluster(620), PowerState(), now=0)
+    config = PowerConfig(budget_watts=3000, low_priority_pools=frozenset({"prefill"}))
+    decision, _ = decide(config, light_prefill(400, 510), PowerState(), now=0)   # 2730 W: T1 2700, T2 2850
     assert set(capped(decision)) == {"p0", "p1", "p2"}
 
 

@@ -16,8 +16,10 @@ predicted TPOT still meets the SLO (throttLL'eM, HPCA'25). Pure: readings and ti
                                            the next group waits another `uncap_after_s`
 
 SLO clock of an instance: the lowest clock (GpuSpec.clocks(), 15 MHz steps) at which its current decode
-step, `StepCost.seconds_at(f / f_max)`, is within `tpot_slo_s`; `default_clock_mhz` for instances without
-a step model (prefill). Power at another clock is predicted from the reading with the model of
+step, `StepCost.seconds_at(f / f_max)`, is within `tpot_slo_s`. An instance without a step model
+(prefill) has no TPOT to keep; its work is compute-bound (busy share ~ 1/f), so its clock is the lowest
+that keeps it at most `prefill_max_utilization` busy: its queue, and so TTFT, stays bounded, a lightly
+loaded prefill GPU gives power back, and a saturated one is capped only in an emergency. Power at another clock is predicted from the reading with the model of
 common/gpu_power.py: the busy share scales with the step time, the dynamic power with the clock
 (`predicted_watts` errs high both ways, so neither a cap nor an uncap is decided on an optimistic guess).
 A cap is a clock (for workers that lock clocks) and the matching power limit (full load at that clock,
@@ -49,7 +51,7 @@ class PowerConfig:
     uncap_margin: float = 0.05
     uncap_after_s: float = 30.0
     tpot_slo_s: float = 0.1
-    default_clock_mhz: float = 1410.0
+    prefill_max_utilization: float = 0.7
     emergency_target: float = 0.90
 
     def __post_init__(self) -> None:
@@ -59,6 +61,8 @@ class PowerConfig:
             raise ValueError(f"need 0 < threshold1 ({self.threshold1}) <= threshold2 ({self.threshold2}) <= 1")
         if not 0 <= self.uncap_margin < self.threshold1 or self.uncap_after_s < 0:
             raise ValueError(f"need 0 <= uncap margin ({self.uncap_margin}) < threshold1 and uncap-after >= 0 s")
+        if not 0 < self.prefill_max_utilization <= 1:
+            raise ValueError(f"need 0 < prefill max utilization ({self.prefill_max_utilization}) <= 1")
         if not 0 < self.emergency_target <= 1 or self.tpot_slo_s <= 0:
             raise ValueError("need 0 < emergency target <= 1 and a TPOT SLO > 0")
 
@@ -113,7 +117,8 @@ def decide(config: PowerConfig, instances: tuple[GpuInstance, ...], state: Power
     elif level is not PowerLevel.NORMAL:
         for i in instances:
             if config.is_low_priority(i.pool) or level is PowerLevel.THRESHOLD2:
-                _lower(config, caps, i, slo_clock(config, i), level)
+                now_mhz = caps[i.instance_id].clock_mhz if i.instance_id in caps else None
+                _lower(config, caps, i, slo_clock(config, i, now_mhz), level)
     else:
         caps = _raise_for_slo(config, instances, caps)
         calm = total < (config.threshold1 - config.uncap_margin) * config.budget_watts
@@ -140,11 +145,15 @@ def power_level(config: PowerConfig, total_watts: float) -> PowerLevel:
     return PowerLevel.NORMAL
 
 
-def slo_clock(config: PowerConfig, instance: GpuInstance) -> float:
-    """The lowest clock whose predicted TPOT meets the SLO (the maximum if none does)."""
+def slo_clock(config: PowerConfig, instance: GpuInstance, now_mhz: float | None = None) -> float:
+    """The lowest clock whose predicted TPOT meets the SLO (the maximum if none does); without a step
+    model, the lowest that keeps the GPU, read at `now_mhz` (None: uncapped), at most
+    `prefill_max_utilization` busy."""
     gpu = config.gpu
     if instance.step is None:
-        return min(max(config.default_clock_mhz, gpu.min_clock_mhz), gpu.max_clock_mhz)
+        busy = gpu.utilization_at(instance.power_watts, now_mhz)
+        needed = busy * (now_mhz or gpu.max_clock_mhz) / config.prefill_max_utilization
+        return min((c for c in gpu.clocks() if c >= needed), default=gpu.max_clock_mhz)
     best = gpu.max_clock_mhz
     for clock in gpu.clocks():                       # highest first; the step time only grows
         if instance.step.seconds_at(gpu.clock_ratio(clock)) > config.tpot_slo_s:
@@ -205,8 +214,10 @@ def _raise_for_slo(config: PowerConfig, instances: tuple[GpuInstance, ...],
     total = sum(i.power_watts for i in instances)
     for i in instances:
         cap = caps.get(i.instance_id)
-        wanted = slo_clock(config, i)
-        if cap is None or i.step is None or wanted <= cap.clock_mhz:
+        if cap is None:
+            continue
+        wanted = slo_clock(config, i, cap.clock_mhz)
+        if wanted <= cap.clock_mhz:
             continue
         extra = predicted_watts(config, i, cap.clock_mhz, wanted) - i.power_watts
         if total + extra <= limit:
