@@ -27,23 +27,25 @@ from services.common.grpc_util import aio_channel
 from services.engine.sim_profile import SimProfile
 from services.gen.ferry.v1 import worker_pb2, worker_pb2_grpc
 from services.scheduler.metrics import SchedulerMetrics
-from services.scheduler.policies.power import GpuInstance, PowerConfig, PowerDecision, PowerState, decide
+from services.scheduler.policies.power import (
+    GpuInstance,
+    PowerConfig,
+    PowerDecision,
+    PowerState,
+    decide,
+    decode_step,
+)
 from services.scheduler.registry import Registry
 
 log = logging.getLogger("ferry.scheduler.power")
 STATS_TIMEOUT_S = 2.0
 DECODING = (RequestPhase.DECODING, RequestPhase.MIGRATING)
-IDLE_CONTEXT_TOKENS = 1024        # an idle decode instance is judged on one request of this length
 
 
-def decode_step(profile: SimProfile, state: InstanceState) -> StepCost | None:
-    """Its decode step now at the maximum clock (prefill-only instances: None, no TPOT to keep)."""
-    if not state.spec.role.can_decode:
-        return None
+def instance_decode_step(profile: SimProfile, state: InstanceState) -> StepCost | None:
+    """Its decode step now, from its last heartbeat."""
     decoding = [r for r in state.load.requests if r.phase in DECODING]
-    if not decoding:
-        return profile.decode_cost(1, IDLE_CONTEXT_TOKENS)
-    return profile.decode_cost(len(decoding), sum(r.num_tokens for r in decoding))
+    return decode_step(profile, state.spec.role.can_decode, len(decoding), sum(r.num_tokens for r in decoding))
 
 
 class PowerController:
@@ -83,7 +85,7 @@ class PowerController:
                 continue
             gpus[state.instance_id] = gpu
             instances.append(GpuInstance(state.instance_id, state.spec.role.value, gpu.power_watts,
-                                         decode_step(self.profile, state),
+                                         instance_decode_step(self.profile, state),
                                          gpu.can_cap and state.instance_id not in self.read_only))
         self.applied = {k: v for k, v in self.applied.items() if k in gpus}
         decision, self.state = decide(self.config, tuple(instances), self.state, now)

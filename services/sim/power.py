@@ -19,16 +19,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from services.common.gpu_power import GpuSpec, StepCost, gpu_spec
-from services.engine.sim_profile import SimProfile
-from services.scheduler.policies.power import GpuInstance, PowerConfig, PowerState, decide
+from services.common.gpu_power import GpuSpec, gpu_spec
+from services.scheduler.policies.power import GpuInstance, PowerConfig, PowerState, decide, decode_step
 
 if TYPE_CHECKING:
     from services.sim.simulator import Simulator
     from services.sim.spec import ClusterSpec, GpuType
 
 READING_S = 1.0
-IDLE_CONTEXT_TOKENS = 1024       # an idle decode instance is judged on one request of this length (as live)
 
 
 def pool_gpu(gpu: GpuType) -> GpuSpec:
@@ -42,16 +40,6 @@ def instance_watts(gpu: GpuSpec, busy: np.ndarray, clock_ratio: np.ndarray) -> n
     """GpuSpec.power_watts over arrays: busy share and f / f_max per instance."""
     scale = gpu.k_mem + (1 - gpu.k_mem) * clock_ratio ** gpu.alpha
     return gpu.idle_watts + gpu.dynamic_watts * np.clip(busy, 0.0, 1.0) * scale
-
-
-def decode_step(profile: SimProfile, can_decode: bool, num_running: int, num_context_tokens: float) -> StepCost | None:
-    """An instance's decode step at the maximum clock, as services/scheduler/power_controller.decode_step
-    builds it from a heartbeat (prefill-only: None; idle: one request of IDLE_CONTEXT_TOKENS)."""
-    if not can_decode:
-        return None
-    if num_running == 0:
-        return profile.decode_cost(1, IDLE_CONTEXT_TOKENS)
-    return profile.decode_cost(num_running, int(num_context_tokens))
 
 
 def power_config(spec: ClusterSpec) -> PowerConfig:

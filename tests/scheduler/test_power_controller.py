@@ -13,7 +13,7 @@ from services.engine.sim_profile import SimProfile
 from services.gen.ferry.v1 import worker_pb2, worker_pb2_grpc
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.policies.power import PowerConfig, PowerLevel
-from services.scheduler.power_controller import PowerController, decode_step
+from services.scheduler.power_controller import PowerController, instance_decode_step
 from services.scheduler.registry import Registry
 from tests.procs import free_port, start, stop, wait_for_port
 
@@ -66,8 +66,8 @@ async def test_idle_workers_over_threshold2_are_capped_and_a_restarted_one_again
 def test_decode_step_follows_the_batch_and_prefill_has_none():
     profile = SimProfile.load("llama3-8b-h100")
     spec = InstanceSpec("p", Role.PREFILL, "x:1", "m", 16, 4096)
-    assert decode_step(profile, InstanceState(spec)) is None
+    assert instance_decode_step(profile, InstanceState(spec)) is None
     load = WorkerLoad(requests=(RequestLoad("a", RequestPhase.DECODING, num_tokens=3000),
                                 RequestLoad("b", RequestPhase.WAITING, num_tokens=100)))
     decode = InstanceState(InstanceSpec("d", Role.DECODE, "x:2", "m", 16, 4096), load)
-    assert decode_step(profile, decode) == profile.decode_cost(1, 3000)
+    assert instance_decode_step(profile, decode) == profile.decode_cost(1, 3000)

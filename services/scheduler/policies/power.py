@@ -32,6 +32,9 @@ import enum
 from dataclasses import dataclass, field
 
 from services.common.gpu_power import H100_SXM, GpuSpec, StepCost
+from services.engine.sim_profile import SimProfile
+
+IDLE_CONTEXT_TOKENS = 1024        # an idle decode instance is judged on one request of this length
 
 
 class PowerLevel(enum.Enum):
@@ -143,6 +146,16 @@ def power_level(config: PowerConfig, total_watts: float) -> PowerLevel:
     if total_watts > config.threshold1 * budget:
         return PowerLevel.THRESHOLD1
     return PowerLevel.NORMAL
+
+
+def decode_step(profile: SimProfile, can_decode: bool, num_running: int, num_context_tokens: float) -> StepCost | None:
+    """An instance's decode step at the maximum clock, from its batch (prefill-only: None, no TPOT to keep;
+    idle: one request of IDLE_CONTEXT_TOKENS)."""
+    if not can_decode:
+        return None
+    if num_running == 0:
+        return profile.decode_cost(1, IDLE_CONTEXT_TOKENS)
+    return profile.decode_cost(num_running, int(num_context_tokens))
 
 
 def slo_clock(config: PowerConfig, instance: GpuInstance, now_mhz: float | None = None) -> float:
