@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"What is the capital of France?\"}}], \"max_tokens\": 32}}'\n\n"
+              f"  ferry admin --scheduler {launched.scheduler_address} instances\n\n"
               "Press Ctrl-C to stop.", flush=True)
         scaler = LocalScaler(stack, launched.launcher, launched.scheduler_address, launched.workers) \
             if args.autoscale else None
