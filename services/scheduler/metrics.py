@@ -80,6 +80,11 @@ class SchedulerMetrics:
         self.preemption_deadlines = Counter("ferry_scheduler_preemption_deadlines", "Preemption deadlines "
                                             "reached, by whether the instance was empty (empty|requests_left)",
                                             ["outcome"], registry=self.registry)
+        for outcome in ("empty", "requests_left"):          # exported at 0 before the first notice
+            self.preemption_deadlines.labels(outcome=outcome)
+        for action in ("finish", "migrate", "no_room", "wait"):
+            self.evacuating_requests.labels(action=action).set(0)
+            self.evacuation_decisions.labels(action=action)
         self.autoscaler_target = Gauge("ferry_scheduler_autoscaler_target_replicas", "Replicas the "
                                        "autoscaler's signals ask for now, per pool", ["pool"], registry=self.registry)
         self.autoscaler_desired = Gauge("ferry_scheduler_autoscaler_desired_replicas", "Replicas the autoscaler "

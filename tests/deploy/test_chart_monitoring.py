@@ -216,6 +216,21 @@ def rule_tests() -> list[dict]:
                 alert("FerryPowerOverBudget", "10m", [{"exp_labels": {"severity": "warning"},
                                                        "exp_annotations": power}]),
                 alert("FerryPowerOverBudget", "35m", [])]},
+        {   # one preempted instance reached its deadline holding requests; empty ones never fire
+            "interval": "1m", "input_series": [
+                {"series": f'ferry_scheduler_preemption_deadlines_total{{{CLUSTER},outcome="requests_left"}}',
+                 "values": "0x5 1x40"},
+                {"series": f'ferry_scheduler_preemption_deadlines_total{{{CLUSTER},outcome="empty"}}',
+                 "values": "0 3x44"}],
+            "alert_rule_test": [
+                alert("FerryPreemptionDeadlineMissed", "4m", []),
+                alert("FerryPreemptionDeadlineMissed", "8m", [{
+                    "exp_labels": {"severity": "warning"},
+                    "exp_annotations": {"summary": "A preempted instance still held requests at its deadline",
+                                        "description": "1 preempted instance(s) in the last 15 minutes reached the "
+                                                       "deadline holding requests; the gateway resumes them elsewhere "
+                                                       "by recompute. Add decode capacity or lengthen the notice."}}]),
+                alert("FerryPreemptionDeadlineMissed", "40m", [])]},
         {   # no healthy decode instance for 5 minutes
             "interval": "1m", "input_series": [
                 {"series": f'ferry_scheduler_instances{{{CLUSTER},role="decode",healthy="true"}}', "values": "1x3 0x10"},
