@@ -18,6 +18,13 @@ preempted by the spot market model (services/sim/spot_trace.py), one market per 
 
 P99s are over every request of the trace, and over the requests exposed to a preemption: those that
 arrived between 30 s before a notice and 60 s after its deadline (the same requests in both modes).
+`queue_after_kills` is the queue of prompt work and of KV not yet in a decode batch (requests) in the
+30 s after each deadline, against its median over the run: whether the re-route burst after a kill
+queues the prefill pool.
+
+Other regimes (docs/benchmarks/spot-power.md): `--provider aws` (120 s notice); `--trace` a Mooncake
+.jsonl (long contexts; `--distinct-prefixes` gives the rate multiplier's copies their own prefix ids) or
+`synthetic:rate=...,output_mean=...` (long outputs; use `--rate-multiplier 1`).
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ from services.sim.traces import Trace
 
 AZURE_CONV = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
 KEYS = ("p99_ttft_ms", "p99_tpot_ms", "p99_e2el_ms", "median_ttft_ms", "median_tpot_ms", "median_e2el_ms",
-        "slo_attainment_pct", "completed", "failed", "gpu_hours_total", "cost_usd", "spot", "migrations")
+        "slo_attainment_pct", "completed", "failed", "errors", "gpu_hours_total", "cost_usd", "spot", "migrations")
 EXPOSED_BEFORE_S, EXPOSED_AFTER_S = 30.0, 60.0
 MODES = ("restart", "reroute", "planner")
 TRACE: Trace | None = None          # set before the worker processes fork
@@ -67,6 +74,7 @@ def run(config: str, extra: list[str], mode: str, seed: int, provider: str) -> d
     duration = float(TRACE.arrival_s[-1])
     events = generate(spec.spot_market, sizes, duration) if spec.spot_market.pool_names else ()
     result["market"] = describe(events, sizes, spec.spot_market, duration) if events else {}
+    result["queue_after_kills"] = queue_after_kills(out, events)
     exposed = exposed_requests(events, TRACE.arrival_s)
     result["exposed_requests"] = int(exposed.sum())
     result["exposed"] = exposed_p99(out, exposed)
@@ -74,8 +82,23 @@ def run(config: str, extra: list[str], mode: str, seed: int, provider: str) -> d
     print(f"  {mode:9} seed {seed} {provider}: P99 TTFT {result['p99_ttft_ms']:8.0f} ms  TPOT "
           f"{result['p99_tpot_ms']:6.1f} ms  E2E {result['p99_e2el_ms']:7.0f} ms  SLO {result['slo_attainment_pct']:6.2f}%"
           f"  ${result['cost_usd']:.2f}  rerouted {summary['spot']['requests_rerouted']}  "
-          f"{result['wall_s']:.0f} s wall", flush=True)
+          f"migrations {summary['migrations']}  {result['wall_s']:.0f} s wall", flush=True)
     return result
+
+
+def queue_after_kills(out, events, after_s: float = 30.0) -> dict:
+    """The queue of prompt work and of KV not yet in a decode batch (requests, sampled each second) in
+    the `after_s` seconds after each preemption deadline: its peak and mean there, and its median."""
+    t, queued = out.series["t"], out.series["queued"]
+    if not len(t):
+        return {}
+    near = np.zeros(len(t), bool)
+    for e in events:
+        if e.preempt:
+            deadline = e.at_s + e.notice_s
+            near |= (t >= deadline) & (t < deadline + after_s)
+    return {"median": float(np.median(queued)), "max_after": float(queued[near].max()) if near.any() else math.nan,
+            "mean_after": float(queued[near].mean()) if near.any() else math.nan}
 
 
 def exposed_requests(events, arrival_s: np.ndarray) -> np.ndarray:
@@ -124,33 +147,44 @@ def table(results: list[dict]) -> str:
 def main() -> int:
     global TRACE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trace", type=Path, default=AZURE_CONV)
+    p.add_argument("--trace", default=str(AZURE_CONV),
+                   help="an Azure .csv, a Mooncake .jsonl or synthetic:key=value,... (services/sim/trace_formats.py)")
     p.add_argument("--config", default="llama3-8b-h100-spot")
     p.add_argument("--rate-multiplier", type=int, default=20)
     p.add_argument("--multiplier-spread", type=float, default=60.0)
+    p.add_argument("--distinct-prefixes", action="store_true",
+                   help="the rate multiplier's copies get their own prefix ids (default: shared, as in the Azure runs)")
     p.add_argument("--window", default="60:3540", metavar="START:END")
     p.add_argument("--seeds", default="0,1,2", help="spot market seeds, comma separated")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="spot modes to run besides on-demand, comma separated (empty: on-demand only, to size a load)")
     p.add_argument("--provider", default="gcp", choices=("gcp", "azure", "aws"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec value")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    if not args.trace.exists():
+    if not args.trace.startswith("synthetic:") and not Path(args.trace).exists():
         print(f"sim_spot: the trace {args.trace} is absent", file=sys.stderr)
         return 2
     started = time.perf_counter()
     start, _, end = args.window.partition(":")
-    TRACE = load_trace(str(args.trace)).with_rate_multiplier(args.rate_multiplier, seed=0,
-                                                             spread_s=args.multiplier_spread) \
+    TRACE = load_trace(args.trace).with_rate_multiplier(args.rate_multiplier, seed=0,
+                                                        share_prefixes=not args.distinct_prefixes,
+                                                        spread_s=args.multiplier_spread) \
         .window(float(start or 0), float(end) if end else math.inf)
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"{len(TRACE):,} requests over {TRACE.duration_s:,.0f} s; {args.provider} notices; seeds {seeds}")
-    runs = [("on-demand", 0)] + [(mode, seed) for seed in seeds for mode in MODES]
+    modes = [m for m in args.modes.split(",") if m]
+    if any(m not in MODES for m in modes):
+        p.error(f"--modes: use some of {', '.join(MODES)}")
+    runs = [("on-demand", 0)] + [(mode, seed) for seed in seeds for mode in modes]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
         results = list(pool.map(run, *zip(*[(args.config, args.set, m, s, args.provider) for m, s in runs],
                                           strict=True)))
     print(table(results))
     spot = [r for r in results if r["mode"] != "on-demand"]
+    if {"restart", "reroute", "planner"} - set(modes):
+        return 0
     summary = {f"{base}_over_planner": {where: ratios(spot, base, where) for where in ("all", "exposed")}
                for base in ("restart", "reroute")}
     summary["cost_vs_on_demand"] = float(np.mean([r["cost_usd"] for r in spot if r["mode"] == "planner"])
@@ -164,7 +198,8 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "trace": str(args.trace), "config": args.config, "set": args.set, "rate_multiplier": args.rate_multiplier,
+            "trace": args.trace, "config": args.config, "set": args.set, "rate_multiplier": args.rate_multiplier,
+            "distinct_prefixes": args.distinct_prefixes, "trace_stats": TRACE.describe(),
             "multiplier_spread_s": args.multiplier_spread, "window": args.window, "provider": args.provider,
             "seeds": seeds, "requests": len(TRACE), "summary": summary, "runs": results,
             "wall_s": time.perf_counter() - started}, indent=1, default=float) + "\n")
