@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import resource
 import sys
@@ -34,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.scaled_trace import add_trace_arguments, scaled_trace
 from services.engine.sim_profile import SimProfile
 from services.scheduler.policies.autoscale import PoolSignals, pool_target
 from services.scheduler.policies.capacity import EngineShape, Workload, decode_goodput, prefill_goodput
@@ -41,23 +41,14 @@ from services.sim.cli import load_config
 from services.sim.results import summarize
 from services.sim.simulator import simulate
 from services.sim.spec import ClusterSpec, spec_from_mapping
-from services.sim.trace_formats import load_trace
 from services.sim.traces import Trace
 
-AZURE_CONV = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
 KEYS = ("gpu_hours_total", "gpu_hours", "ttft_attainment_pct", "tpot_attainment_pct", "slo_attainment_pct",
         "request_goodput", "p99_ttft_ms", "p99_tpot_ms", "median_ttft_ms", "median_tpot_ms", "completed",
         "failed", "peak_replicas", "autoscale", "autoscale_decisions", "simulated_s")
 ATTAINMENTS = ("ttft_attainment_pct", "tpot_attainment_pct", "slo_attainment_pct")
 
 TRACE: Trace | None = None          # set before the worker processes fork
-
-
-def build_trace(args) -> Trace:
-    trace = load_trace(str(args.trace)).with_rate_multiplier(args.rate_multiplier, seed=args.seed,
-                                                              spread_s=args.multiplier_spread)
-    start, _, end = args.window.partition(":")
-    return trace.window(float(start or 0), float(end) if end else math.inf)
 
 
 def opening_size(spec: ClusterSpec, trace: Trace) -> dict[str, int]:
@@ -187,23 +178,18 @@ def plot(auto: dict, static: dict, trace: Trace, path: Path) -> None:
 def main() -> int:
     global TRACE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trace", type=Path, default=AZURE_CONV)
     p.add_argument("--config", default="llama3-8b-h100-autoscale")
-    p.add_argument("--rate-multiplier", type=int, default=100)
-    p.add_argument("--multiplier-spread", type=float, default=60.0)
-    p.add_argument("--window", default="60:3540", metavar="START:END")
+    add_trace_arguments(p, rate_multiplier=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec value")
     p.add_argument("--jobs", type=int, default=2, help="processes for the static search (one per pool)")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args()
-    if not args.trace.exists():
-        print(f"sim_autoscaling: the trace {args.trace} is absent; put the Azure conversation trace there",
-              file=sys.stderr)
-        return 2
     started = time.perf_counter()
-    TRACE = build_trace(args)
+    TRACE = scaled_trace(args, seed=args.seed)
+    if TRACE is None:
+        return 2
     spec = spec_from_mapping(load_config(args.config, args.set), where=args.config)
     opening = opening_size(spec, TRACE)
     print(f"{len(TRACE):,} requests over {TRACE.duration_s:,.0f} s ({TRACE.rate_per_s:.0f} req/s mean); "

@@ -33,14 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.scaled_trace import add_trace_arguments, scaled_trace
 from services.sim.cli import load_config
 from services.sim.results import summarize
 from services.sim.simulator import simulate
 from services.sim.spec import spec_from_mapping
-from services.sim.trace_formats import load_trace
 from services.sim.traces import Trace
 
-AZURE_CONV = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
 KEYS = ("slo_attainment_pct", "ttft_attainment_pct", "tpot_attainment_pct", "p99_ttft_ms", "p99_tpot_ms",
         "median_ttft_ms", "median_tpot_ms", "energy_kwh", "energy_per_token_j", "completed", "failed",
         "gpu_hours_total", "power")
@@ -94,11 +93,8 @@ def table(results: list[dict]) -> str:
 def main() -> int:
     global TRACE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trace", type=Path, default=AZURE_CONV)
     p.add_argument("--config", default="llama3-8b-h100-disagg")
-    p.add_argument("--rate-multiplier", type=int, default=20)
-    p.add_argument("--multiplier-spread", type=float, default=60.0)
-    p.add_argument("--window", default="60:3540", metavar="START:END")
+    add_trace_arguments(p, rate_multiplier=20)
     p.add_argument("--prefill", type=int, default=9)
     p.add_argument("--decode", type=int, default=4)
     p.add_argument("--oversubscription", type=float, default=1.3, help="instances / instances the budget fits")
@@ -110,14 +106,10 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    if not args.trace.exists():
-        print(f"sim_power: the trace {args.trace} is absent", file=sys.stderr)
-        return 2
     started = time.perf_counter()
-    start, _, end = args.window.partition(":")
-    TRACE = load_trace(str(args.trace)).with_rate_multiplier(args.rate_multiplier, seed=0,
-                                                             spread_s=args.multiplier_spread) \
-        .window(float(start or 0), float(end) if end else math.inf)
+    TRACE = scaled_trace(args)
+    if TRACE is None:
+        return 2
     spec = spec_from_mapping(load_config(args.config, args.set), where=args.config)
     peak = spec.gpus[spec.pools[0].gpu].peak_watts
     instances = args.prefill + args.decode

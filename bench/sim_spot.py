@@ -42,15 +42,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.scaled_trace import add_trace_arguments, scaled_trace
 from services.sim.cli import load_config
 from services.sim.results import latencies, summarize
 from services.sim.simulator import simulate
 from services.sim.spec import spec_from_mapping
 from services.sim.spot_trace import describe, generate
-from services.sim.trace_formats import load_trace
 from services.sim.traces import Trace
 
-AZURE_CONV = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
 KEYS = ("p99_ttft_ms", "p99_tpot_ms", "p99_e2el_ms", "median_ttft_ms", "median_tpot_ms", "median_e2el_ms",
         "slo_attainment_pct", "completed", "failed", "errors", "gpu_hours_total", "cost_usd", "spot", "migrations")
 EXPOSED_BEFORE_S, EXPOSED_AFTER_S = 30.0, 60.0
@@ -147,14 +146,10 @@ def table(results: list[dict]) -> str:
 def main() -> int:
     global TRACE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trace", default=str(AZURE_CONV),
-                   help="an Azure .csv, a Mooncake .jsonl or synthetic:key=value,... (services/sim/trace_formats.py)")
     p.add_argument("--config", default="llama3-8b-h100-spot")
-    p.add_argument("--rate-multiplier", type=int, default=20)
-    p.add_argument("--multiplier-spread", type=float, default=60.0)
+    add_trace_arguments(p, rate_multiplier=20)
     p.add_argument("--distinct-prefixes", action="store_true",
                    help="the rate multiplier's copies get their own prefix ids (default: shared, as in the Azure runs)")
-    p.add_argument("--window", default="60:3540", metavar="START:END")
     p.add_argument("--seeds", default="0,1,2", help="spot market seeds, comma separated")
     p.add_argument("--modes", default=",".join(MODES),
                    help="spot modes to run besides on-demand, comma separated (empty: on-demand only, to size a load)")
@@ -163,15 +158,10 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    if not args.trace.startswith("synthetic:") and not Path(args.trace).exists():
-        print(f"sim_spot: the trace {args.trace} is absent", file=sys.stderr)
-        return 2
     started = time.perf_counter()
-    start, _, end = args.window.partition(":")
-    TRACE = load_trace(args.trace).with_rate_multiplier(args.rate_multiplier, seed=0,
-                                                        share_prefixes=not args.distinct_prefixes,
-                                                        spread_s=args.multiplier_spread) \
-        .window(float(start or 0), float(end) if end else math.inf)
+    TRACE = scaled_trace(args, share_prefixes=not args.distinct_prefixes)
+    if TRACE is None:
+        return 2
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"{len(TRACE):,} requests over {TRACE.duration_s:,.0f} s; {args.provider} notices; seeds {seeds}")
     modes = [m for m in args.modes.split(",") if m]
