@@ -87,6 +87,12 @@ def test_preempt_notice_empties_a_loaded_decode_worker_before_its_deadline_losin
     decoding = [s for s in stack.worker_stats() if s.role == 2]           # ROLE_DECODE
     holder = max(decoding, key=lambda s: (sum(r.max_tokens > SHORT for r in s.load.requests), len(s.load.requests)))
     assert holder.load.requests, "no decode worker holds a request"
+
+    def scheduler_sees_them() -> bool:        # its heartbeats may lag the engine's steps on a busy machine
+        status = {i.instance.instance_id: i for i in stack.instances()}[holder.instance_id]
+        return len(status.load.requests) > 0
+
+    assert eventually(scheduler_sees_them, timeout=20, interval=0.1), "the scheduler never saw the requests"
     deadline = time.time() + DEADLINE_S
     with grpc.insecure_channel(stack.scheduler_address) as channel:
         reply = scheduler_pb2_grpc.SchedulerStub(channel).NotifyPreemption(scheduler_pb2.PreemptionNotice(
