@@ -45,7 +45,11 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` run only where CUDA is (the lent GPU machine); CI has none."""
+    """Tests that use the Kubernetes control plane run last: it is session-scoped and keeps running (API
+    server, controllers, the test kubelet's pods) until the session ends, which slows every timing-
+    sensitive test after it on a 2-core machine. Tests marked `gpu` run only where CUDA is (the lent GPU
+    machine); CI has none."""
+    items.sort(key=lambda item: "kube_cluster" in getattr(item, "fixturenames", ()))   # stable
     import torch
     if torch.cuda.is_available():
         return

@@ -29,8 +29,9 @@ def run_steps(realtime: bool) -> tuple[float, float]:
 def test_realtime_steps_take_their_modeled_time():
     wall, modeled = run_steps(realtime=True)
     assert modeled > 0.3, "the workload is long enough to measure"
-    # Never faster than the model; a little slower at most (sleep overshoot, bookkeeping).
-    assert 1.0 <= wall / modeled < 1.5, f"{wall:.3f} s on the wall clock for {modeled:.3f} s modeled"
+    # Never faster than the model; slower at most by the per-step bound below (sleep overshoot,
+    # bookkeeping, a busy 2-core machine: clean-clone CI once measured 1.52x).
+    assert 1.0 <= wall / modeled < 2.0, f"{wall:.3f} s on the wall clock for {modeled:.3f} s modeled"
 
 
 def test_each_realtime_step_is_paced_on_its_own():
