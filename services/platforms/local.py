@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import logging
 import os
 import shutil
@@ -38,6 +37,15 @@ from pathlib import Path
 import grpc
 
 from services.platforms.local_scaler import LocalScaler
+from services.platforms.stack_args import (
+    SCHEDULER_OWNED,
+    autoscale_profile,
+    gateway_argv,
+    scheduler_argv,
+    scheduler_flags,
+    served_model_name,
+    worker_argv,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 # glibc malloc settings for the children: large KV buffers reuse memory instead of being mmapped and
@@ -48,12 +56,17 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1
               "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
-SCHEDULER_OWNED = ("host", "port", "redis-url")   # scheduler settings that ferry up chooses itself
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ferry up", description="Start a whole Ferry cluster on this machine.")
+    p = argparse.ArgumentParser(prog="ferry up", description="Start a whole Ferry cluster: on this machine "
+                                "(--platform local, the default) or on a Ray cluster (--platform ray).")
+    p.add_argument("--platform", choices=("local", "ray"), default="local",
+                   help="local: processes on this machine; ray: Ray Serve deployments (docs/platforms.md)")
+    p.add_argument("--address", default="", metavar="ADDR",
+                   help="--platform ray: the Ray cluster (auto, HOST:PORT or ray://HOST:10001); empty: start a "
+                        "local Ray instance, closed to the network, and stop it on exit")
     p.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="HF-format model folder")
+    p.add_argument("--served-model-name", default="", metavar="NAME",
+                   help="the name the pools serve under (the API's model; default: the --model folder's name)")
     p.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers")
     p.add_argument("--decode", type=int, default=1, metavar="M", help="decode workers")
     p.add_argument("--colocated", action="store_true",
@@ -70,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sim engine: profile name (services/engine/profiles) or YAML path")
     p.add_argument("--sim-num-blocks", type=int, default=0, metavar="N",
                    help="sim engine: KV blocks of each worker (0: the engine's default)")
+    p.add_argument("--llm-pair", action="store_true",
+                   help="--platform ray with --engine sim: also one prefill and one decode worker of --model itself, "
+                        "served under its folder name (give the sim pools another --served-model-name)")
+    p.add_argument("--num-gpus-per-worker", type=float, default=None, metavar="G",
+                   help="--platform ray: GPUs each worker replica asks Ray for (default: 1 with a cuda --device, "
+                        "else 0)")
+    p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
+                   help="--platform ray: how long a worker that Ray scales in may drain (its requests migrate "
+                        "away) before it stops")
     p.add_argument("--cpu-threads", type=int, default=0,
                    help="torch threads per CPU worker (0: the cores shared out among the workers)")
     p.add_argument("--kvstore-capacity-gb", type=float, default=0.5, help="memory of the shared KV store")
@@ -96,27 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", type=Path, default=None, help="process logs (default: a temporary folder)")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for the stack")
     return p
-
-
-def scheduler_flags(items: list[str]) -> list[str]:
-    """`--scheduler-arg` items -> the scheduler's flags (`routing-config=x` -> `--routing-config x`).
-    ValueError names the item when it is not KEY=VALUE, not a scheduler setting, or one ferry up sets."""
-    from services.scheduler.main import SchedulerSettings  # only the dataclass: no server starts
-
-    known = {f.name.replace("_", "-") for f in dataclasses.fields(SchedulerSettings)}
-    flags = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().removeprefix("--").replace("_", "-")
-        if not sep or not key:
-            raise ValueError(f"--scheduler-arg {item!r}: use KEY=VALUE, e.g. routing-config=round_robin")
-        if key in SCHEDULER_OWNED:
-            raise ValueError(f"--scheduler-arg {item!r}: ferry up sets --{key} itself")
-        if key not in known:
-            raise ValueError(f"--scheduler-arg {item!r}: the scheduler has no setting {key!r}; known: "
-                             f"{', '.join(sorted(known - set(SCHEDULER_OWNED)))}")
-        flags += [f"--{key}", value]
-    return flags
 
 
 def free_port(host: str) -> int:
@@ -220,64 +221,29 @@ def launch(args: argparse.Namespace, stack: Stack) -> Launched:
     """Start every process; returns once a request can be served."""
     h = args.host
     scheduler_port, kvstore_port = free_port(h), free_port(h)
-    scheduler_args = ["--host", h, "--port", str(scheduler_port)]
+    redis_url = ""
     redis = shutil.which("redis-server")
     if redis and not args.no_redis:
         redis_port = free_port(h)
         stack.start("redis", [redis, "--port", str(redis_port), "--bind", h, "--save", "", "--appendonly", "no"],
                     redis_port, 30)
-        scheduler_args += ["--redis-url", f"redis://{h}:{redis_port}/0"]
-    scheduler_args += ["--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms)]
-    if args.autoscale:
-        profile = autoscale_profile(args)       # "": the user's --scheduler-arg autoscale-profile=
-        scheduler_args += ["--autoscale-interval-s", str(args.autoscale_interval),
-                           "--gateway-metrics-urls", f"http://{h}:{args.port}/metrics",
-                           *(["--autoscale-profile", profile] if profile else []),
-                           "--autoscale-prefill-replicas", f"1:{args.max_prefill}",
-                           "--autoscale-decode-replicas", f"1:{args.max_decode}"]
-    scheduler_args += scheduler_flags(args.scheduler_arg)      # last: the user's --scheduler-arg wins
-    stack.serve("scheduler", "scheduler", scheduler_args, scheduler_port)
-    worker_common = ["--model", args.model, "--host", h, "--scheduler-address", f"{h}:{scheduler_port}",
-                     "--device", args.device, "--dtype", args.dtype,
-                     "--kv-cache-memory-gb", str(args.kv_cache_memory_gb), "--max-num-seqs", str(args.max_num_seqs)]
-    if not args.no_kvstore:
+        redis_url = f"redis://{h}:{redis_port}/0"
+    stack.serve("scheduler", "scheduler",
+                scheduler_argv(args, h, scheduler_port, redis_url, f"http://{h}:{args.port}/metrics"), scheduler_port)
+    kvstore_address = "" if args.no_kvstore else f"{h}:{kvstore_port}"
+    if kvstore_address:
         stack.serve("kvstore", "kvstore", ["--host", h, "--port", str(kvstore_port),
                                            "--capacity-gb", str(args.kvstore_capacity_gb)], kvstore_port)
-        worker_common += ["--kvstore-address", f"{h}:{kvstore_port}"]
     pools = {"worker": args.decode} if args.colocated else {"prefill": args.prefill, "decode": args.decode}
-    if args.engine == "sim":
-        worker_common += ["--engine", "sim", "--sim-profile", args.sim_profile,
-                          "--sim-num-blocks", str(args.sim_num_blocks), "--cpu-threads", str(args.cpu_threads or 1)]
-    elif args.device == "cpu":                 # share the cores instead of oversubscribing them
-        threads = args.cpu_threads or max(1, (os.cpu_count() or 1) // sum(pools.values()))
-        worker_common += ["--cpu-threads", str(threads)]
-    launcher = WorkerLauncher(stack, worker_common)
+    launcher = WorkerLauncher(stack, worker_argv(args, h, f"{h}:{scheduler_port}", kvstore_address,
+                                                 sum(pools.values()), os.cpu_count() or 1))
     workers = {pool: [launcher.start(pool) for _ in range(count)] for pool, count in pools.items()}
     for name, port in (w for ws in workers.values() for w in ws):     # they load the model in parallel
         stack.wait_port(name, dict(stack.procs)[name], port, args.ready_timeout)
-    stack.serve("gateway", "gateway", ["--model", args.model, "--host", h, "--port", str(args.port),
-                                       "--sink-port", str(free_port(h)),
-                                       "--scheduler-address", f"{h}:{scheduler_port}",
-                                       "--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms)],
-                args.port)
+    stack.serve("gateway", "gateway", gateway_argv(args, h, free_port(h), f"{h}:{scheduler_port}"), args.port)
     url = f"http://{h}:{args.port}"
     wait_models(url, stack, args.ready_timeout)
     return Launched(url, f"{h}:{scheduler_port}", launcher, workers)
-
-
-def autoscale_profile(args: argparse.Namespace) -> str:
-    """The performance profile the scheduler's goodput model sizes pools with: the sim engine's own, the
-    shipped CPU profile of the small model, or (a GPU) one measured by `ferry profile` and passed as
-    `--scheduler-arg autoscale-profile=PATH` (which wins over this one)."""
-    if args.engine == "sim":
-        return args.sim_profile
-    if args.device == "cpu":
-        return "smollm2-135m-cpu"
-    if not any(a.startswith("autoscale-profile=") for a in args.scheduler_arg):
-        raise ValueError(f"--autoscale on --device {args.device} needs the engine's profile for that device: "
-                         f"`ferry profile --model {args.model} --device {args.device} --out P.yaml`, then "
-                         "--scheduler-arg autoscale-profile=P.yaml")
-    return ""
 
 
 def wait_models(url: str, stack: Stack, timeout: float) -> None:
@@ -295,32 +261,46 @@ def wait_models(url: str, stack: Stack, timeout: float) -> None:
     raise StartupError("gateway", f"lists no model after {timeout:.0f} s", stack.log_dir / "gateway.log")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not (Path(args.model) / "config.json").is_file():
-        print(f"ferry up: {args.model} has no config.json; run `make install` first (it builds the model)",
-              file=sys.stderr)
-        return 2
-    if args.prefill < 1 or args.decode < 1:
-        print("ferry up: --prefill and --decode must be >= 1", file=sys.stderr)
-        return 2
-    if args.autoscale and args.colocated:
-        print("ferry up: --autoscale sizes the prefill and decode pools; it does not apply to --colocated",
-              file=sys.stderr)
-        return 2
-    if args.max_prefill < args.prefill or args.max_decode < args.decode:
-        print("ferry up: --max-prefill/--max-decode must be >= --prefill/--decode", file=sys.stderr)
-        return 2
-    if args.sim_num_blocks < 0:
-        print("ferry up: --sim-num-blocks must be >= 0", file=sys.stderr)
-        return 2
+def check_args(args: argparse.Namespace) -> str:
+    """What is wrong with the command line, before anything starts ("" when nothing)."""
+    ray = args.platform == "ray"
+    problems = [
+        (not (Path(args.model) / "config.json").is_file(),
+         f"{args.model} has no config.json; run `make install` first (it builds the model)"),
+        (args.prefill < 1 or args.decode < 1, "--prefill and --decode must be >= 1"),
+        (args.autoscale and args.colocated,
+         "--autoscale sizes the prefill and decode pools; it does not apply to --colocated"),
+        (args.max_prefill < args.prefill or args.max_decode < args.decode,
+         "--max-prefill/--max-decode must be >= --prefill/--decode"),
+        (args.sim_num_blocks < 0, "--sim-num-blocks must be >= 0"),
+        (args.address and not ray, "--address names a Ray cluster: use it with --platform ray"),
+        (args.colocated and ray, "--colocated runs on --platform local only"),
+        (args.llm_pair and not (ray and args.engine == "sim"), "--llm-pair goes with --platform ray --engine sim"),
+        (args.llm_pair and served_model_name(args) == Path(args.model).name,
+         "--llm-pair serves --model under its folder name: give the sim pools another --served-model-name"),
+        (args.num_gpus_per_worker is not None and args.num_gpus_per_worker < 0, "--num-gpus-per-worker must be >= 0"),
+        (args.drain_timeout <= 0, "--drain-timeout must be > 0"),
+    ]
+    for wrong, message in problems:
+        if wrong:
+            return message
     try:
         scheduler_flags(args.scheduler_arg)    # a bad key stops here, before anything starts
         if args.autoscale:
             autoscale_profile(args)
     except ValueError as e:
-        print(f"ferry up: {e}", file=sys.stderr)
+        return str(e)
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if problem := check_args(args):
+        print(f"ferry up: {problem}", file=sys.stderr)
         return 2
+    if args.platform == "ray":
+        from services.platforms.ray_up import run
+        return run(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ferry up: %(message)s", stream=sys.stderr)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="ferry-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -331,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launched = launch(args, stack)
         url = launched.url
-        model = Path(args.model).name
+        model = served_model_name(args)
         mode = "colocated" if args.colocated else f"{args.prefill} prefill + {args.decode} decode"
         if args.engine == "sim":
             mode += f", sim engine {args.sim_profile}"

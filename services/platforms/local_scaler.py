@@ -73,14 +73,7 @@ class LocalScaler:
             return
         _, name, port = min(candidates)
         address = f"{host}:{port}"
-        instance_id = statuses[address].instance.instance_id
-        try:
-            stub.DrainInstance(scheduler_pb2.DrainInstanceRequest(instance_id=instance_id), timeout=RPC_TIMEOUT_S)
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:       # live migration off: drain in place
-                raise
-            with grpc.insecure_channel(address) as channel:
-                worker_pb2_grpc.WorkerStub(channel).Drain(worker_pb2.DrainRequest(), timeout=RPC_TIMEOUT_S)
+        drain_instance(stub, statuses[address].instance.instance_id, address)
         self.workers[rec.pool].remove((name, port))
         self.drains.append(Drain(rec.pool, name, address, time.monotonic()))
         log.info("autoscale: %s %d -> %d (%s): draining %s", rec.pool, len(self.workers[rec.pool]) + 1,
@@ -99,6 +92,20 @@ class LocalScaler:
             if proc is not None:
                 stop_process(proc)
             log.info("autoscale: %s drained in %.1f s and stopped", drain.name, time.monotonic() - drain.since)
+
+
+def drain_instance(stub: scheduler_pb2_grpc.SchedulerStub, instance_id: str, address: str) -> int | None:
+    """Stop routing to a worker and move its requests away: the scheduler live-migrates them (returns
+    how many it held); with live migration off, the worker's own Drain lets them finish in place (None)."""
+    try:
+        return stub.DrainInstance(scheduler_pb2.DrainInstanceRequest(instance_id=instance_id),
+                                  timeout=RPC_TIMEOUT_S).num_requests
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.FAILED_PRECONDITION:       # live migration off: drain in place
+            raise
+        with grpc.insecure_channel(address) as channel:
+            worker_pb2_grpc.WorkerStub(channel).Drain(worker_pb2.DrainRequest(), timeout=RPC_TIMEOUT_S)
+        return None
 
 
 def load(status: scheduler_pb2.InstanceStatus) -> int:

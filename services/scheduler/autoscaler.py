@@ -55,10 +55,12 @@ class Slo:
     tpot_s: float
 
 
-def pool_loads(snapshot: ClusterSnapshot) -> dict[str, PoolLoad]:
+def pool_loads(snapshot: ClusterSnapshot, model: str = "") -> dict[str, PoolLoad]:
+    """The pools' load; `model` set: only that model's instances (other models' pools are not sized)."""
     loads = {}
     for pool, role in POOL_ROLES.items():
-        serving = [i for i in snapshot.alive() if i.spec.role is role and not i.load.draining]
+        serving = [i for i in snapshot.alive() if i.spec.role is role and not i.load.draining
+                   and (not model or i.spec.model == model)]
         n = len(serving)
         loads[pool] = PoolLoad(
             replicas=n,
@@ -105,9 +107,10 @@ def pool_signals(increase: dict[str, float], span_s: float, loads: list[dict[str
 class Autoscaler:
     def __init__(self, registry: Registry, source, config: AutoscaleConfig, profile: SimProfile, slo: Slo, *,
                  interval_s: float, window_s: float, metrics: SchedulerMetrics, max_num_seqs: int = 256,
-                 clock: Callable[[], float] = time.time) -> None:
+                 model: str = "", clock: Callable[[], float] = time.time) -> None:
         self.registry, self.source, self.config, self.profile, self.slo = registry, source, config, profile, slo
         self.interval_s, self.metrics, self.max_num_seqs, self.clock = interval_s, metrics, max_num_seqs, clock
+        self.model = model
         self.counters = CounterWindow(window_s)
         self.loads: deque[tuple[float, dict[str, PoolLoad]]] = deque()
         self.state = AutoscaleState()
@@ -135,7 +138,7 @@ class Autoscaler:
             if str(e) != self._last_error:              # once per distinct failure, not every tick
                 log.warning("autoscaler: %s", e)
                 self._last_error = str(e)
-        self.loads.append((now, pool_loads(self.registry.snapshot(now))))
+        self.loads.append((now, pool_loads(self.registry.snapshot(now), self.model)))
         while self.loads[0][0] < now - self.counters.window_s:
             self.loads.popleft()
         self.signals = pool_signals(self.counters.increase(), self.counters.span_s(now),

@@ -93,6 +93,8 @@ class SchedulerSettings:
                                                 "recommended")
     autoscale_scale_down_after_s: float = setting(120.0, "a smaller size must be asked for this long before it "
                                                   "is recommended (one replica at a time, drained first)")
+    autoscale_model: str = setting("", "size only the pools of this served model (empty: every instance of a "
+                                   "role is one pool); other models' pools keep their size")
     autoscale_max_num_seqs: int = setting(256, "the decode workers' max_num_seqs (bounds the goodput model)")
     power_budget_watts: float = setting(0.0, "the cluster's GPU power budget: exported for dashboards and "
                                         "alerts, and kept by the power controller (0 = none)")
@@ -194,7 +196,8 @@ class SchedulerSettings:
             source = ScrapeSource(u.strip() for u in self.gateway_metrics_urls.split(",") if u.strip())
         return Autoscaler(registry, source, self.autoscale_config(), SimProfile.load(self.autoscale_profile),
                           Slo(self.slo_ttft_ms / 1000, self.slo_tpot_ms / 1000), interval_s=self.autoscale_interval_s,
-                          window_s=self.autoscale_window_s, metrics=metrics, max_num_seqs=self.autoscale_max_num_seqs)
+                          window_s=self.autoscale_window_s, metrics=metrics, max_num_seqs=self.autoscale_max_num_seqs,
+                          model=self.autoscale_model)
 
     def power_config(self, budget_watts: float | None = None) -> PowerConfig:
         pools = frozenset(p.strip() for p in self.power_low_priority_pools.split(",") if p.strip())

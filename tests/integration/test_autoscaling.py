@@ -14,15 +14,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
 
-import openai
 import pytest
 
 from tests.integration.stack import MODEL
+from tests.integration.streams import Load, attainment
 from tests.procs import ROOT, eventually, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,77 +38,7 @@ memory_bandwidth: 2.0e11
 vocab_size: 49152
 max_model_len: 4096
 """
-PROMPT = "hello " * 300
-MAX_TOKENS = 100
 HIGH, LOW = 24, 4       # streams in each phase
-
-
-@dataclass
-class Done:
-    started: float
-    finished: float
-    tpot_s: float | None        # None: the request failed
-    error: str = ""
-
-    @property
-    def met(self) -> bool:
-        return self.tpot_s is not None and self.tpot_s <= SLO_TPOT_S
-
-
-@dataclass
-class Load:
-    """Closed-loop streams: each sends a streamed completion, measures its TPOT, and sends the next."""
-    base_url: str
-    done: list[Done] = field(default_factory=list)
-    streams: list[threading.Event] = field(default_factory=list)     # the running streams' stop flags
-    threads: list[threading.Thread] = field(default_factory=list)    # every stream ever started
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, n: int) -> None:
-        for _ in range(n):
-            stop = threading.Event()
-            self.threads.append(threading.Thread(target=self._loop, args=(stop,), daemon=True))
-            self.threads[-1].start()
-            self.streams.append(stop)
-
-    def remove(self, n: int) -> None:
-        """Stop `n` streams after their current request (which runs on)."""
-        for stop in self.streams[-n:]:
-            stop.set()
-        self.streams = self.streams[:-n]
-
-    def join(self, timeout: float) -> None:
-        for stop in self.streams:
-            stop.set()
-        deadline = time.monotonic() + timeout
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    def _loop(self, stop: threading.Event) -> None:
-        client = openai.OpenAI(base_url=self.base_url, api_key="x", timeout=120, max_retries=0)
-        while not stop.is_set():
-            started = time.monotonic()
-            stamps: list[float] = []
-            try:
-                for chunk in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS,
-                                                       stream=True, extra_body={"ignore_eos": True}):
-                    if chunk.choices and chunk.choices[0].text:
-                        stamps.append(time.monotonic())
-                if len(stamps) < 2:
-                    raise RuntimeError(f"{len(stamps)} tokens streamed")
-                record = Done(started, stamps[-1], (stamps[-1] - stamps[0]) / (len(stamps) - 1))
-            except Exception as e:  # noqa: BLE001 (every failure is counted, and the test fails on it)
-                record = Done(started, time.monotonic(), None, f"{type(e).__name__}: {e}")
-            with self.lock:
-                self.done.append(record)
-
-    def between(self, start: float, end: float) -> list[Done]:
-        with self.lock:
-            return [d for d in self.done if start <= d.started and d.finished <= end]
-
-
-def attainment(done: list[Done]) -> float:
-    return sum(d.met for d in done) / len(done)
 
 
 def metric(port: int, name: str, **labels: str) -> float | None:
@@ -138,7 +66,7 @@ def test_autoscaling_scales_decode_out_on_a_load_step_and_in_through_drain(tmp_p
     with open(out, "wb") as f:
         proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=f,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    load = Load(f"http://127.0.0.1:{port}/v1")
+    load = Load(f"http://127.0.0.1:{port}/v1", MODEL, SLO_TPOT_S)
 
     def logs() -> str:
         text = [out.read_text(errors="replace")]

@@ -139,8 +139,8 @@ def test_scraped_totals_match_the_promql_definitions():
     assert set(queries) == set(totals)
 
 
-def instance(iid: str, role: Role, **load) -> InstanceState:
-    spec = InstanceSpec(iid, role, f"127.0.0.1:{len(iid)}", "m", block_size=16, max_model_len=4096)
+def instance(iid: str, role: Role, model: str = "m", **load) -> InstanceState:
+    spec = InstanceSpec(iid, role, f"127.0.0.1:{len(iid)}", model, block_size=16, max_model_len=4096)
     return InstanceState(spec, WorkerLoad(num_blocks=1000, **load), last_heartbeat=0.0)
 
 
@@ -233,3 +233,14 @@ def test_scheduler_settings_pass_per_pool_headroom_and_zero_means_the_shared_one
     assert (config.pool_headroom("prefill"), config.pool_headroom("decode")) == (1.3, 1.1)
     with pytest.raises(ValueError, match="prefill_headroom"):
         SchedulerSettings(autoscale_prefill_headroom=0.5)
+
+
+def test_pool_loads_of_one_model_leave_other_models_pools_out():
+    snapshot = ClusterSnapshot(now=0.0, instances=(
+        instance("d0", Role.DECODE, num_running=8, num_free_blocks=200),
+        instance("d-llm", Role.DECODE, model="other", num_running=1, num_free_blocks=1000),
+        instance("p-llm", Role.PREFILL, model="other", num_waiting=3, num_free_blocks=1000)))
+    assert pool_loads(snapshot)["decode"].replicas == 2
+    mine = pool_loads(snapshot, model="m")
+    assert (mine["decode"].replicas, mine["decode"].running, mine["prefill"].replicas) == (1, 8, 0)
+    assert pool_loads(snapshot, model="other")["prefill"].waiting == 3.0
