@@ -94,8 +94,8 @@ class RegistrySync:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ferry up: %(message)s", stream=sys.stderr)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     cluster = None
     deployed = False
     try:
@@ -133,12 +133,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"ferry up: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)          # teardown runs to the end
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if deployed:
             teardown(cluster.is_local)
         if cluster is not None:
             ray_cluster.stop(cluster)
+
+
+def interrupt(*_) -> None:
+    """Ctrl-C or SIGTERM: stop, once; more of them (a second Ctrl-C) cannot cut the teardown short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def teardown(local: bool) -> None:
