@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pytest
 
 from tests.integration.stack import MODEL
 from tests.integration.streams import Load, attainment
-from tests.procs import ROOT, eventually, free_port
+from tests.procs import ROOT, eventually, free_port, interrupt
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -121,13 +120,7 @@ def test_autoscaling_scales_decode_out_on_a_load_step_and_in_through_drain(tmp_p
         assert eventually(lambda: len(load.between(last, time.monotonic())) >= LOW, timeout=30), logs()
     finally:
         load.join(timeout=30)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        interrupt(proc, timeout=60)
     failed = [d.error for d in load.done if d.tpot_s is None]
     assert not failed, failed[:5]
     assert len(load.done) >= 50, len(load.done)

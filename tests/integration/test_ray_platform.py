@@ -25,7 +25,7 @@ from services.gen.ferry.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.integration.stack import MODEL
 from tests.integration.streams import Load
 from tests.integration.test_autoscaling import PROFILE, SLO_TPOT_S, metric
-from tests.procs import ROOT, eventually, free_port
+from tests.procs import ROOT, eventually, free_port, interrupt
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -169,13 +169,7 @@ def test_ferry_on_a_local_ray_instance_scales_through_the_scheduler_and_leaves_n
         assert again.usage.completion_tokens == 8
     finally:
         load.join(timeout=30)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        interrupt(proc, timeout=120)
     assert proc.returncode == 0, text()
 
     # Nothing left behind: no process of the Ray instance or of Ferry's services, no temp files
