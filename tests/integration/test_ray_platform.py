@@ -163,7 +163,8 @@ def test_ferry_on_a_local_ray_instance_scales_through_the_scheduler_and_leaves_n
         os.kill(int(victim[0]), signal.SIGKILL)
         assert eventually(lambda: (ids := pool(scheduler, "prefill")) and ids[0] != old, timeout=90,
                           interval=0.5), logs()
-        assert old not in {s.instance.instance_id for s in instances(scheduler)}
+        assert old not in {s.instance.instance_id for s in instances(scheduler)}     # a dead worker stays
+        assert f"ray: {old} has no replica any more: deregistered" in text()   # listed unless deregistered
         again = client.completions.create(model=SIM_MODEL, prompt="hello", max_tokens=8,
                                           extra_body={"ignore_eos": True})
         assert again.usage.completion_tokens == 8
