@@ -34,7 +34,7 @@ from services.scheduler.power_controller import PowerController
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.registry import Registry
 from services.scheduler.server import SchedulerService
-from services.scheduler.telemetry import PrometheusSource, ScrapeSource
+from services.scheduler.telemetry import telemetry_source
 
 log = logging.getLogger("ferry.scheduler")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -78,7 +78,7 @@ class SchedulerSettings:
     prometheus_selector: str = setting("", "label matchers added to every PromQL query, e.g. "
                                        'namespace="ferry",ferry_cluster="ferry"')
     gateway_metrics_urls: str = setting("", "comma-separated /metrics URLs of the gateways, scraped when no "
-                                        "--prometheus-url is set")
+                                        "--prometheus-url is set, or while it does not answer")
     slo_ttft_ms: float = setting(2000.0, "time-to-first-token SLO that sizes the prefill pool (the gateway's)")
     slo_tpot_ms: float = setting(100.0, "time-per-output-token SLO that sizes the decode pool (the gateway's)")
     autoscale_profile: str = setting("llama3-8b-h100", "the workers' performance profile (a services/engine/"
@@ -190,10 +190,9 @@ class SchedulerSettings:
             raise ValueError(f"autoscaling: {e}") from None
 
     def autoscaler(self, registry: Registry, metrics: SchedulerMetrics) -> Autoscaler:
-        if self.prometheus_url:
-            source = PrometheusSource(self.prometheus_url, self.prometheus_selector)
-        else:
-            source = ScrapeSource(u.strip() for u in self.gateway_metrics_urls.split(",") if u.strip())
+        source = telemetry_source(self.prometheus_url, self.prometheus_selector,
+                                  (u.strip() for u in self.gateway_metrics_urls.split(",") if u.strip()),
+                                  metrics.registry)   # both set: the scraper stands in while Prometheus is down
         return Autoscaler(registry, source, self.autoscale_config(), SimProfile.load(self.autoscale_profile),
                           Slo(self.slo_ttft_ms / 1000, self.slo_tpot_ms / 1000), interval_s=self.autoscale_interval_s,
                           window_s=self.autoscale_window_s, metrics=metrics, max_num_seqs=self.autoscale_max_num_seqs,

@@ -1,6 +1,7 @@
 """What the gateways count, as the scheduler's slow loop reads it: from Prometheus through its HTTP API
 (`--prometheus-url`, PromQL), or — when no Prometheus is configured — by scraping the gateways'
-/metrics itself (`--gateway-metrics-urls`). Both give the same totals, summed over every gateway:
+/metrics itself (`--gateway-metrics-urls`). With both, `FallbackSource` reads Prometheus and lets the
+scraper stand in while Prometheus does not answer. Both give the same totals, summed over every gateway:
 
     requests            generation requests finished (any status but 4xx: bad input is not demand)
     prompt_tokens       prompt tokens processed
@@ -16,16 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 TOTALS = ("requests", "prompt_tokens", "generation_tokens", "ttft_met", "ttft_total", "tpot_met", "tpot_total")
 TIMEOUT_S = 5.0
+PROMETHEUS, SCRAPE = "prometheus", "scrape"
+log = logging.getLogger("ferry.scheduler.telemetry")
 
 
 class TelemetryError(Exception):
@@ -109,6 +115,109 @@ class ScrapeSource(Source):
             for name, value in totals_of(text).items():
                 totals[name] += value
         return totals
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which source the fallback reads from, and — while the scraper stands in and Prometheus answers
+    again — `mark`: what the scraper read when Prometheus came back, which Prometheus must reach first."""
+    source: str = PROMETHEUS
+    mark: dict[str, float] | None = None
+
+
+def caught_up(primary: dict[str, float], mark: dict[str, float]) -> bool:
+    return all(primary.get(name, 0.0) >= value for name, value in mark.items())
+
+
+def select(current: Selection, primary: dict[str, float] | None) -> Selection:
+    """The source of this read, given Prometheus' answer (None: it did not answer). Pure.
+
+    Prometheus whenever it answers, except just after the scraper stood in: a Prometheus that has
+    just come back may not have scraped the gateways since (an empty TSDB reads 0), and a total that
+    falls looks like a counter reset to `CounterWindow` — a burst of demand that never happened. So
+    it is used again once its totals reach what the scraper read when it first answered again."""
+    if primary is None:
+        return Selection(SCRAPE)
+    if current.source == PROMETHEUS:
+        return current
+    if current.mark is not None and caught_up(primary, current.mark):
+        return Selection(PROMETHEUS)
+    return current
+
+
+def after_scrape(current: Selection, primary_answered: bool, scraped: dict[str, float]) -> Selection:
+    """The first scrape while Prometheus answers again sets the mark Prometheus must catch up to. Pure."""
+    if primary_answered and current.mark is None:
+        return Selection(SCRAPE, dict(scraped))
+    return current
+
+
+class FallbackSource(Source):
+    """Prometheus first; the built-in scraper while Prometheus does not answer (or has not caught up
+    since it came back). Each switch is logged once; `ferry_scheduler_telemetry_source{source}` is 1
+    for the source the last read used."""
+
+    def __init__(self, primary: Source, fallback: Source, registry: CollectorRegistry | None = None) -> None:
+        self.primary, self.fallback = primary, fallback
+        self.selection = Selection()
+        self.gauge = source_gauge(registry)
+        self._show(PROMETHEUS)
+
+    def describe(self) -> str:
+        return f"{self.primary.describe()} (else {self.fallback.describe()})"
+
+    def read_now(self) -> dict[str, float]:
+        primary, why = None, ""
+        try:
+            primary = self.primary.read_now()
+        except TelemetryError as e:
+            why = str(e)
+        selection = select(self.selection, primary)
+        if selection.source == PROMETHEUS:
+            self._switch(selection, "it answers again and has caught up with the gateways")
+            return primary
+        try:
+            scraped = self.fallback.read_now()
+        except TelemetryError as e:
+            self._switch(selection, why)
+            raise TelemetryError(f"{why or 'Prometheus has not caught up'}; and {e}") from None
+        self._switch(after_scrape(selection, primary is not None, scraped), why)
+        return scraped
+
+    def _switch(self, selection: Selection, why: str) -> None:
+        if selection.source != self.selection.source:
+            if selection.source == SCRAPE:
+                log.warning("telemetry: %s does not answer (%s); %s stands in", self.primary.describe(), why,
+                            self.fallback.describe())
+            else:
+                log.info("telemetry: back to %s: %s", self.primary.describe(), why)
+            self._show(selection.source)
+        self.selection = selection
+
+    def _show(self, source: str) -> None:
+        if self.gauge is not None:
+            for name in (PROMETHEUS, SCRAPE):
+                self.gauge.labels(source=name).set(1.0 if name == source else 0.0)
+
+
+def source_gauge(registry: CollectorRegistry | None) -> Gauge | None:
+    if registry is None:
+        return None
+    return Gauge("ferry_scheduler_telemetry_source", "The source of the gateways' counters the autoscaler last "
+                 "read (1): prometheus, or scrape (the built-in scraper)", ["source"], registry=registry)
+
+
+def telemetry_source(prometheus_url: str, selector: str, gateway_urls: Iterable[str],
+                     registry: CollectorRegistry | None = None) -> Source:
+    """The autoscaler's source: Prometheus, the scraper, or Prometheus with the scraper as fallback."""
+    urls = tuple(gateway_urls)
+    if prometheus_url and urls:
+        return FallbackSource(PrometheusSource(prometheus_url, selector), ScrapeSource(urls), registry)
+    gauge = source_gauge(registry)
+    if gauge is not None:
+        for name in (PROMETHEUS, SCRAPE):
+            gauge.labels(source=name).set(1.0 if (name == PROMETHEUS) == bool(prometheus_url) else 0.0)
+    return PrometheusSource(prometheus_url, selector) if prometheus_url else ScrapeSource(urls)
 
 
 def totals_of(exposition: str) -> dict[str, float]:
