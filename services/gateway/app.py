@@ -1,5 +1,9 @@
 """The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
 
+With `access` set (`--api-keys-file`), the /v1/ endpoints need an API key and generation requests pass
+the key's rate limits (auth.py); /health and /metrics stay open. No handler logs a prompt, an output,
+a key or a header.
+
 Every failure is a JSON `error` body with a 4xx/5xx status (never a stack trace); a streamed
 request that fails after its first token gets an `error` event before `data: [DONE]`.
 """
@@ -19,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from services.common.cluster import Priority
+from services.gateway.auth import Access, Admission
 from services.gateway.generation import Generation, GenerationError, Plan
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.protocol import (
@@ -50,6 +55,7 @@ class Gateway:
     channels: object                   # address -> grpc.aio.Channel
     metrics: GatewayMetrics
     token_timeout_s: float = 120.0
+    access: Access | None = None       # None: no API keys (the default)
 
 
 def create_app(gw: Gateway) -> FastAPI:
@@ -76,8 +82,12 @@ def create_app(gw: Gateway) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models() -> dict:
+    @app.get("/v1/models", response_model=None)
+    async def models(request: Request) -> dict | JSONResponse:
+        if gw.access is not None:
+            key = gw.access.authenticate(request.headers.get("authorization"))
+            if isinstance(key, JSONResponse):
+                return key
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "ferry", "max_model_len": info.max_model_len}
             for name, info in sorted(gw.scheduler.models.items())]}
@@ -95,6 +105,20 @@ def create_app(gw: Gateway) -> FastAPI:
 
 async def _generate(gw: Gateway, request: Request, kind: str) -> Response:
     endpoint = "/v1/completions" if kind == "completion" else "/v1/chat/completions"
+    admission = None
+    if gw.access is not None:
+        key = gw.access.authenticate(request.headers.get("authorization"))
+        admission = key if isinstance(key, JSONResponse) else gw.access.admit_request(key)
+        if isinstance(admission, JSONResponse):
+            gw.metrics.requests.labels(endpoint, str(admission.status_code)).inc()
+            return admission
+    response = await _run(gw, request, kind, endpoint, admission)
+    if admission is not None:
+        response.headers.update(admission.headers)
+    return response
+
+
+async def _run(gw: Gateway, request: Request, kind: str, endpoint: str, admission: Admission | None) -> Response:
     try:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -104,6 +128,11 @@ async def _generate(gw: Gateway, request: Request, kind: str) -> Response:
         plan = _plan(gw, req)
     except InvalidRequest as e:
         return _error(gw, endpoint, e)
+    if admission is not None and gw.access is not None:
+        admitted = gw.access.admit_tokens(admission, len(plan.prompt_token_ids) + plan.sampling.max_tokens)
+        if isinstance(admitted, JSONResponse):
+            gw.metrics.requests.labels(endpoint, "429").inc()
+            return admitted
     gen = Generation(plan, prefix="cmpl" if kind == "completion" else "chatcmpl", sink=gw.sink,
                      sink_address=gw.sink_address, scheduler=gw.scheduler, channels=gw.channels,
                      tokenizer=gw.tokenizer, token_timeout_s=gw.token_timeout_s, metrics=gw.metrics)

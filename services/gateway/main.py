@@ -29,6 +29,9 @@ class GatewaySettings:
     token_timeout_s: float = setting(120.0, "fail a request when no token arrives for this long")
     slo_ttft_ms: float = setting(2000.0, "time-to-first-token objective a request meets (ferry_gateway_slo_*)")
     slo_tpot_ms: float = setting(100.0, "time-per-output-token objective a request meets (ferry_gateway_slo_*)")
+    api_keys_file: str = setting("", "YAML/JSON list of API keys {name, sha256, requests_per_minute, "
+                                 "tokens_per_minute} (`ferry admin api-key create`); re-read when it changes. "
+                                 "Empty: no keys, the API is open; /health and /metrics always are")
 
     def __post_init__(self) -> None:
         if not (Path(self.model) / "tokenizer.json").is_file() and not (Path(self.model) / "tokenizer.model").is_file():
@@ -41,18 +44,27 @@ class GatewaySettings:
         if self.slo_ttft_ms <= 0 or self.slo_tpot_ms <= 0:
             raise ValueError(f"the SLO must be > 0 ms, got TTFT {self.slo_ttft_ms} and TPOT {self.slo_tpot_ms}: "
                              "set --slo-ttft-ms and --slo-tpot-ms")
+        if self.api_keys_file and not Path(self.api_keys_file).is_file():
+            raise ValueError(f"--api-keys-file {self.api_keys_file!r} is not a file "
+                             "(`ferry admin api-key create NAME` prints an entry for it)")
 
 
 async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
     import uvicorn
     from transformers import AutoTokenizer
 
+    from services.gateway.api_keys import KeysFile, KeysFileError
     from services.gateway.app import Gateway, create_app
+    from services.gateway.auth import Access
     from services.gateway.metrics import SLO, GatewayMetrics
     from services.gateway.scheduler_client import SchedulerClient
     from services.gateway.token_sink import TokenSink
     from services.gateway.worker_watch import WorkerWatch
 
+    try:                                             # a bad keys file stops the gateway before it listens
+        keys = KeysFile(Path(s.api_keys_file)) if s.api_keys_file else None
+    except KeysFileError as e:
+        raise SystemExit(f"ferry gateway: {e}") from None
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, s.model)
     sink = TokenSink()
     grpc_server = aio_server()
@@ -73,6 +85,9 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
     metrics = GatewayMetrics(SLO(ttft_s=s.slo_ttft_ms / 1000, tpot_s=s.slo_tpot_ms / 1000))
     gw = Gateway(tokenizer=tokenizer, sink=sink, sink_address=s.sink_advertise_address or f"{s.host}:{sink_port}",
                  scheduler=scheduler, channels=channel, metrics=metrics, token_timeout_s=s.token_timeout_s)
+    if keys is not None:
+        gw.access = Access(keys, metrics)
+        log.info("API keys required: %d keys in %s", len(keys.ring.keys), keys.path)
     refresher = asyncio.create_task(scheduler.keep_refreshed())
     config = uvicorn.Config(create_app(gw), host=s.host, port=s.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=3, lifespan="off")

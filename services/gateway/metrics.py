@@ -78,6 +78,10 @@ class GatewayMetrics:
         for name in ("ttft", "tpot", "all"):      # every series exists from the start (rates need a 0)
             for result in ("met", "missed"):
                 self.slo_requests.labels(name, result)
+        self.rejected = Counter("ferry_gateway_requests_rejected",
+                                "Requests refused by access control, by reason and API key name (key=\"\": "
+                                "no valid key)", ["reason", "key"], registry=r)
+        self.rejected.labels("unauthenticated", "")
 
     def observe_slo(self, ttft_s: float, tpot_s: float | None) -> None:
         """Judge one successfully finished request (`tpot_s` None: at most one output token)."""
