@@ -3,10 +3,17 @@
 KV blocks travel in messages up to 4 MiB (plus framing), so both ends raise the default 4 MiB
 message limit. The HTTP/2 settings are the ones measured to matter on loopback (ENVIRONMENT.md):
 without BDP probing and with large frames and windows, grpc.aio streams ~2x faster.
+
+Every channel and server of Ferry is made here, so service-to-service authentication
+(services/common/service_auth.py: a shared bearer token, on when FERRY_SERVICE_TOKEN_FILE names a
+file) is wired in one place: servers check the token, channels send it. Without the variable nothing
+changes (no interceptor at all).
 """
 from __future__ import annotations
 
 import grpc
+
+from services.common import service_auth
 
 MAX_MESSAGE_BYTES = 64 * 2**20
 
@@ -21,11 +28,22 @@ OPTIONS: list[tuple[str, int]] = [
 
 
 def aio_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=OPTIONS)
+    token = service_auth.configured_token()
+    interceptors = service_auth.client_interceptors(token) if token else None
+    return grpc.aio.insecure_channel(address, options=OPTIONS, interceptors=interceptors)
+
+
+def channel(address: str) -> grpc.Channel:
+    """A blocking channel (CLI tools, platform launchers), with the service token when one is configured."""
+    plain = grpc.insecure_channel(address, options=OPTIONS)
+    token = service_auth.configured_token()
+    return grpc.intercept_channel(plain, service_auth.SyncTokenClientInterceptor(token)) if token else plain
 
 
 def aio_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=OPTIONS)
+    token = service_auth.configured_token()
+    interceptors = [service_auth.TokenServerInterceptor(token)] if token else None
+    return grpc.aio.server(options=OPTIONS, interceptors=interceptors)
 
 
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:

@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from services.common import service_auth
+
 T = TypeVar("T")
 ENV_PREFIX = "FERRY_"
 
@@ -63,6 +65,9 @@ def parse_settings(cls: type[T], argv: list[str] | None, *, prog: str, descripti
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, help="YAML file of settings (keys are the flag names "
                         "with _ or -); flags and FERRY_* env vars override it")
+    parser.add_argument("--service-token-file", type=Path, default=None, metavar="PATH",
+                        help="file holding the token every gRPC call between Ferry services must carry "
+                        f"(off when unset; services/common/service_auth.py) [env {service_auth.TOKEN_FILE_ENV}]")
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
@@ -74,6 +79,7 @@ def parse_settings(cls: type[T], argv: list[str] | None, *, prog: str, descripti
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
                                 help=help_text + f" (default: {f.default})")
     args = parser.parse_args(argv)
+    _configure_service_auth(args.service_token_file, prog)
     values: dict[str, Any] = {}
     if args.config is not None:
         values.update(_read_yaml(args.config, cls))
@@ -87,6 +93,18 @@ def parse_settings(cls: type[T], argv: list[str] | None, *, prog: str, descripti
     converted = {k: _convert(k, _base_type(hints[k]), v) for k, v in values.items()}
     try:
         return cls(**converted)
+    except ValueError as e:
+        raise SystemExit(f"{prog}: {e}") from None
+
+
+def _configure_service_auth(token_file: Path | None, prog: str) -> None:
+    """--service-token-file sets FERRY_SERVICE_TOKEN_FILE (so the processes this one starts inherit it);
+    either way a configured file that cannot be used stops the service now, not at its first call."""
+    try:
+        if token_file is not None:
+            service_auth.use_token_file(token_file)
+        else:
+            service_auth.configured_token()
     except ValueError as e:
         raise SystemExit(f"{prog}: {e}") from None
 

@@ -22,6 +22,7 @@ import argparse
 import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import grpc
 
+from services.common import service_auth
 from services.platforms.local_scaler import LocalScaler
 from services.platforms.stack_args import (
     SCHEDULER_OWNED,
@@ -116,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="time-per-output-token SLO (gateway metrics, "
                    "autoscaling)")
     p.add_argument("--log-dir", type=Path, default=None, help="process logs (default: a temporary folder)")
+    p.add_argument("--service-auth", action="store_true",
+                   help="every gRPC call between the stack's processes carries a token generated for this stack "
+                        "(LOG_DIR/service-token, mode 0600; docs/serving.md#service-authentication)")
+    p.add_argument("--service-token-file", type=Path, default=None, metavar="PATH",
+                   help="like --service-auth, with the token in PATH (also: env FERRY_SERVICE_TOKEN_FILE)")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for the stack")
     return p
 
@@ -261,6 +268,12 @@ def wait_models(url: str, stack: Stack, timeout: float) -> None:
     raise StartupError("gateway", f"lists no model after {timeout:.0f} s", stack.log_dir / "gateway.log")
 
 
+def admin_env() -> str:
+    """The env prefix a `ferry admin` command needs against this stack (with service authentication on)."""
+    path = os.environ.get(service_auth.TOKEN_FILE_ENV, "")
+    return f"{service_auth.TOKEN_FILE_ENV}={path} " if path else ""
+
+
 def check_args(args: argparse.Namespace) -> str:
     """What is wrong with the command line, before anything starts ("" when nothing)."""
     ray = args.platform == "ray"
@@ -293,16 +306,40 @@ def check_args(args: argparse.Namespace) -> str:
     return ""
 
 
+def configure_service_auth(args: argparse.Namespace, log_dir: Path | None) -> None:
+    """Service authentication for the whole stack: the children (and this process's own gRPC calls)
+    read FERRY_SERVICE_TOKEN_FILE, set here from --service-token-file or a token made for --service-auth."""
+    if args.service_token_file is not None:
+        service_auth.use_token_file(args.service_token_file)
+    elif args.service_auth:
+        folder = log_dir or Path(tempfile.mkdtemp(prefix="ferry-up-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "service-token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)                    # also when the file was there with a looser mode
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        service_auth.use_token_file(path)
+    else:
+        service_auth.configured_token()         # an env var naming a bad file stops here
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if problem := check_args(args):
         print(f"ferry up: {problem}", file=sys.stderr)
         return 2
-    if args.platform == "ray":
+    local = args.platform == "local"
+    log_dir = (args.log_dir or Path(tempfile.mkdtemp(prefix="ferry-up-"))) if local else args.log_dir
+    try:
+        configure_service_auth(args, log_dir)
+    except ValueError as e:
+        print(f"ferry up: {e}", file=sys.stderr)
+        return 2
+    if not local:
         from services.platforms.ray_up import run
         return run(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ferry up: %(message)s", stream=sys.stderr)
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="ferry-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(args.host, log_dir)
     # Both signals stop the stack, also when SIGINT came in ignored (a background job of a script)
@@ -321,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"What is the capital of France?\"}}], \"max_tokens\": 32}}'\n\n"
-              f"  ferry admin --scheduler {launched.scheduler_address} instances\n\n"
+              f"  {admin_env()}ferry admin --scheduler {launched.scheduler_address} instances\n\n"
               "Press Ctrl-C to stop.", flush=True)
         scaler = LocalScaler(stack, launched.launcher, launched.scheduler_address, launched.workers) \
             if args.autoscale else None

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from services.common import grpc_util
 from services.gen.ferry.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("ferry.up")
@@ -46,7 +47,7 @@ class LocalScaler:
     drains: list[Drain] = field(default_factory=list)
 
     def tick(self) -> None:
-        with grpc.insecure_channel(self.scheduler_address) as channel:
+        with grpc_util.channel(self.scheduler_address) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             statuses = {s.instance.address: s for s in stub.ListInstances(
                 scheduler_pb2.ListInstancesRequest(), timeout=RPC_TIMEOUT_S).instances}
@@ -103,7 +104,7 @@ def drain_instance(stub: scheduler_pb2_grpc.SchedulerStub, instance_id: str, add
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.FAILED_PRECONDITION:       # live migration off: drain in place
             raise
-        with grpc.insecure_channel(address) as channel:
+        with grpc_util.channel(address) as channel:
             worker_pb2_grpc.WorkerStub(channel).Drain(worker_pb2.DrainRequest(), timeout=RPC_TIMEOUT_S)
         return None
 

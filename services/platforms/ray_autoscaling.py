@@ -48,10 +48,11 @@ class FollowScheduler:
     def ask(self) -> int | None:
         import grpc
 
+        from services.common import grpc_util
         from services.gen.ferry.v1 import scheduler_pb2, scheduler_pb2_grpc
 
         try:
-            with grpc.insecure_channel(self.scheduler_address) as channel:
+            with grpc_util.channel(self.scheduler_address) as channel:
                 reply = scheduler_pb2_grpc.SchedulerStub(channel).GetScaleRecommendations(
                     scheduler_pb2.ScaleRecommendationsRequest(), timeout=ASK_TIMEOUT_S)
         except grpc.RpcError:

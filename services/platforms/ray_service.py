@@ -148,11 +148,12 @@ class FerryService:
         """Until the scheduler has moved this worker's requests away (or the drain timeout)."""
         import grpc
 
+        from services.common import grpc_util
         from services.gen.ferry.v1 import scheduler_pb2, scheduler_pb2_grpc
         from services.platforms.local_scaler import RPC_TIMEOUT_S, drain_instance, load
 
         started = time.monotonic()
-        with grpc.insecure_channel(self.addresses["scheduler"]) as channel:
+        with grpc_util.channel(self.addresses["scheduler"]) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             try:
                 num = drain_instance(stub, self.instance_id, self.listen_address)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from services.common import grpc_util
 from services.gen.ferry.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.platforms import ray_cluster
 from services.platforms.ray_app import ControlPlane, build, pools
@@ -68,7 +69,7 @@ class RegistrySync:
     """Each tick: deregister workers whose replica Ray no longer runs; log the pools' replica counts."""
 
     def __init__(self, scheduler_address: str, pool_names: list[str]) -> None:
-        self.channel = grpc.insecure_channel(scheduler_address)
+        self.channel = grpc_util.channel(scheduler_address)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.pool_names = pool_names
         self.counts: dict[str, int] = {}

@@ -17,6 +17,7 @@ import time
 
 import grpc
 
+from services.common import grpc_util
 from services.gen.ferry.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 ROLES = {common_pb2.ROLE_PREFILL: "prefill", common_pb2.ROLE_DECODE: "decode", common_pb2.ROLE_BOTH: "both"}
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.action == "preempt" and args.in_s is not None and args.in_s < 0:
         build_parser().error("--in: use seconds >= 0")
-    with grpc.insecure_channel(args.scheduler) as channel:
+    with grpc_util.channel(args.scheduler) as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         try:
             print(run(stub, args))
