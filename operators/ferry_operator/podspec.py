@@ -3,7 +3,9 @@
 Every container runs the `ferry` CLI (`ferry serve <component>`) with its settings in FERRY_* env:
 the shared ones from the cluster's ConfigMap (envFrom), the per-pod ones (listen address, instance
 id, advertised addresses, which reference the downward-API POD_IP/POD_NAME) and the per-pool ones in
-`env`. Pods run as uid 10001 on a read-only root filesystem with an emptyDir at /tmp.
+`env`. Pods run as uid 10001 on a read-only root filesystem with an emptyDir at /tmp. With
+spec.serviceAuth the service token Secret is mounted read-only in every pod (FERRY_SERVICE_TOKEN_FILE);
+with spec.gateway.apiKeys the API keys Secret in the gateway's (--api-keys-file).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from operators.ferry_operator.names import (
     WORKER_PORT,
     ClusterRef,
 )
-from operators.ferry_operator.spec import ClusterSpec, PoolSpec
+from operators.ferry_operator.spec import ClusterSpec, PoolSpec, SecretFileSpec
 
 UID = 10001
 DOWNWARD_ENV = (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"),
@@ -33,6 +35,11 @@ POD_SECURITY = {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGr
                 "seccompProfile": {"type": "RuntimeDefault"}}
 CONTAINER_SECURITY = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                       "capabilities": {"drop": ["ALL"]}}
+# Secrets mounted read-only as files. The service token goes to every Ferry process (they read the env
+# var, services/common/service_auth.py); the API keys file only to the gateway (its --api-keys-file).
+SERVICE_TOKEN_DIR, SERVICE_TOKEN_FILE = "/etc/ferry/service-token", "token"
+API_KEYS_DIR, API_KEYS_FILE = "/etc/ferry/api-keys", "api-keys.yaml"
+SECRET_FILE_MODE = 0o440            # owner and fsGroup read; nobody writes
 SETTINGS_PREFIX = {"scheduler": "FERRY_SCHEDULER_", "kvstore": "FERRY_KVSTORE_", "gateway": "FERRY_GATEWAY_",
                    "prefill": "FERRY_WORKER_", "decode": "FERRY_WORKER_"}
 
@@ -98,16 +105,33 @@ def container(ref: ClusterRef, spec: ClusterSpec, component: str, image: str, bi
     mounts = [{"name": "tmp", "mountPath": "/tmp"}]
     if spec.model.volume and component in ("gateway", "prefill", "decode"):
         mounts.append({"name": "model", "mountPath": spec.model.mount_path, "readOnly": True})
+    command = ["ferry", "serve", component]
+    if spec.service_auth.is_enabled:
+        env.append(_value("FERRY_SERVICE_TOKEN_FILE", f"{SERVICE_TOKEN_DIR}/{SERVICE_TOKEN_FILE}"))
+        mounts.append({"name": "service-token", "mountPath": SERVICE_TOKEN_DIR, "readOnly": True})
+    if component == "gateway" and spec.gateway.api_keys.is_enabled:
+        command += ["--api-keys-file", f"{API_KEYS_DIR}/{API_KEYS_FILE}"]
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
     return {"name": component, "image": image, "imagePullPolicy": spec.images.pull_policy,
-            "command": ["ferry", "serve", component], "envFrom": [{"configMapRef": {"name": ref.config_name}}],
+            "command": command, "envFrom": [{"configMapRef": {"name": ref.config_name}}],
             "env": env, **extra, "resources": dict(resources or {}), "securityContext": dict(CONTAINER_SECURITY),
             "volumeMounts": mounts}
+
+
+def _secret_volume(name: str, source: SecretFileSpec, file_name: str) -> dict:
+    """One key of a Secret as `file_name` (a projected key, not subPath: a rotated Secret reaches the pod)."""
+    return {"name": name, "secret": {"secretName": source.secret_name, "defaultMode": SECRET_FILE_MODE,
+                                     "items": [{"key": source.secret_key, "path": file_name}]}}
 
 
 def pod_spec(ref: ClusterRef, spec: ClusterSpec, component: str, image: str, bind_pod_ip: bool) -> dict:
     volumes: list[dict] = [{"name": "tmp", "emptyDir": {}}]
     if spec.model.volume and component in ("gateway", "prefill", "decode"):
         volumes.append({"name": "model", **spec.model.volume})
+    if spec.service_auth.is_enabled:
+        volumes.append(_secret_volume("service-token", spec.service_auth, SERVICE_TOKEN_FILE))
+    if component == "gateway" and spec.gateway.api_keys.is_enabled:
+        volumes.append(_secret_volume("api-keys", spec.gateway.api_keys, API_KEYS_FILE))
     out: dict[str, Any] = {
         "containers": [container(ref, spec, component, image, bind_pod_ip)], "volumes": volumes,
         "securityContext": dict(POD_SECURITY), "enableServiceLinks": False,   # no FERRY_*_PORT=tcp://… clashes

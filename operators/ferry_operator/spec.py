@@ -7,6 +7,7 @@ Mappings that Kubernetes owns the shape of (resources, volume, tolerations, env)
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,11 +42,23 @@ class ImagesSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class SecretFileSpec:
+    """One key of a Secret that pods read as a file (mounted read-only); no secret_name = not used."""
+    secret_name: str = ""
+    secret_key: str = ""
+
+    @property
+    def is_enabled(self) -> bool:
+        return bool(self.secret_name)
+
+
+@dataclass(frozen=True, slots=True)
 class GatewaySpec:
     replicas: int = 1
     port: int = 8000
     service_type: str = "ClusterIP"
     resources: Mapping[str, Any] | None = None
+    api_keys: SecretFileSpec = SecretFileSpec(secret_key="api-keys.yaml")   # the gateway's --api-keys-file
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +123,7 @@ class ClusterSpec:
     decode: PoolSpec = PoolSpec()
     drain_timeout_s: int = 300
     power_budget_watts: float = 0.0
+    service_auth: SecretFileSpec = SecretFileSpec(secret_key="token")     # the shared gRPC token (off: no secret)
 
     def pool(self, name: str) -> PoolSpec:
         if name not in POOLS:
@@ -173,6 +187,15 @@ class _Fields:
         if not isinstance(value, list):
             raise self._fail(key, "must be a list")
         return tuple(value)
+
+
+def _secret_file(f: _Fields, default_key: str) -> SecretFileSpec:
+    name, key = f.text("secretName", ""), f.text("secretKey", default_key) or default_key
+    if name and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name):
+        raise ValueError(f"{f.path}.secretName {name!r}: name a Secret (a DNS subdomain: lowercase, digits, '-', '.')")
+    if not re.fullmatch(r"[-._a-zA-Z0-9]+", key):
+        raise ValueError(f"{f.path}.secretKey {key!r}: a Secret key is letters, digits, '-', '_' and '.'")
+    return SecretFileSpec(secret_name=name, secret_key=key)
 
 
 def _model(f: _Fields) -> ModelSpec:
@@ -264,11 +287,13 @@ def _cluster(f: _Fields, gateway: _Fields, kvstore: _Fields, pools: _Fields) -> 
         gateway=GatewaySpec(replicas=gateway.number("replicas", 1, low=1, integer=True),
                             port=gateway.number("port", 8000, low=1, high=65535, integer=True),
                             service_type=gateway.text("serviceType", "ClusterIP", SERVICE_TYPES),
-                            resources=gateway.mapping("resources")),
+                            resources=gateway.mapping("resources"),
+                            api_keys=_secret_file(gateway.obj("apiKeys"), "api-keys.yaml")),
         scheduler=_scheduler(f.obj("scheduler")),
         kvstore=KVStoreSpec(enabled=kvstore.flag("enabled", True),
                             capacity_gib=kvstore.number("capacityGiB", 4.0, low=0.01),
                             resources=kvstore.mapping("resources")),
         prefill=_pool(pools.obj("prefill")), decode=_pool(pools.obj("decode")),
         drain_timeout_s=f.obj("drain").number("timeoutSeconds", 300, low=1, integer=True),
-        power_budget_watts=f.obj("power").number("budgetWatts", 0.0, low=0) or 0.0)
+        power_budget_watts=f.obj("power").number("budgetWatts", 0.0, low=0) or 0.0,
+        service_auth=_secret_file(f.obj("serviceAuth"), "token"))
