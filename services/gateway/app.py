@@ -29,7 +29,9 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.protocol import (
     GenerationRequest,
     InvalidRequest,
+    check_prompt_size,
     choice,
+    decode_body,
     envelope,
     error_body,
     parse_request,
@@ -120,11 +122,7 @@ async def _generate(gw: Gateway, request: Request, kind: str) -> Response:
 
 async def _run(gw: Gateway, request: Request, kind: str, endpoint: str, admission: Admission | None) -> Response:
     try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return _error(gw, endpoint, InvalidRequest(f"the body is not valid JSON: {e}"))
-    try:
-        req = parse_request(kind, body)
+        req = parse_request(kind, decode_body(await request.body()))
         plan = _plan(gw, req)
     except InvalidRequest as e:
         return _error(gw, endpoint, e)
@@ -154,6 +152,7 @@ def _plan(gw: Gateway, req: GenerationRequest) -> Plan:
         raise InvalidRequest(f"the model `{req.model}` does not exist; available: {known}", "model", 404,
                              "model_not_found")
     tok = gw.tokenizer
+    check_prompt_size(req, tok, info.max_model_len)
     if req.kind == "chat":
         text = tok.apply_chat_template(list(req.messages), add_generation_prompt=True, tokenize=False)
         ids = tok.encode(text, add_special_tokens=False)

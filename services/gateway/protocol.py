@@ -5,6 +5,8 @@ OpenAI-style body: {"error": {"message", "type": "invalid_request_error", "param
 """
 from __future__ import annotations
 
+import functools
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +49,48 @@ UNSUPPORTED = {"logprobs": "logprobs", "top_logprobs": "logprobs", "echo": "echo
 
 
 MAX_TOP_K = 2**31 - 1        # more than any vocabulary: the same as 0 (all tokens); fits the wire's uint32
+
+
+def decode_body(raw: bytes) -> Any:
+    """The request body's JSON document, or InvalidRequest for one the gateway cannot use: not JSON or
+    not UTF-8, nested deeper than Python's recursion limit, an integer literal of more than 4300
+    digits, or a string with an unpaired UTF-16 surrogate escape ("\\ud800": valid JSON, but not text
+    that the tokenizer, protobuf or a JSON reply can carry)."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequest("the body is not valid JSON for this server: it is nested too deeply") from None
+    except ValueError as e:                     # int literal over sys.get_int_max_str_digits()
+        raise InvalidRequest(f"the body is not valid JSON for this server: {e}") from None
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise InvalidRequest("the body has a string with an unpaired UTF-16 surrogate escape (such as "
+                             "\\ud800): send valid Unicode text") from None
+    except RecursionError:
+        raise InvalidRequest("the body is not valid JSON for this server: it is nested too deeply") from None
+    return body
+
+
+def check_prompt_size(req: GenerationRequest, tokenizer: Any, max_model_len: int) -> None:
+    """Refuse a text prompt that cannot fit the context before tokenizing it: no token covers more
+    characters than the tokenizer's longest token (bytes, for byte-level BPE), so a longer text has more
+    tokens than the context holds. A 10 MB prompt would otherwise hold the event loop for seconds."""
+    texts = [req.prompt] if isinstance(req.prompt, str) else [m["content"] for m in req.messages]
+    num_chars = sum(len(t) for t in texts)
+    limit = max_model_len * _max_token_chars(tokenizer)
+    if num_chars > limit:
+        raise InvalidRequest(f"the prompt is {num_chars} characters, more than fit this model's context of "
+                             f"{max_model_len} tokens (at most {limit} characters): shorten the prompt",
+                             "messages" if req.kind == "chat" else "prompt")
+
+
+@functools.lru_cache(maxsize=8)
+def _max_token_chars(tokenizer: Any) -> int:
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return max(len(t) for t in tokens if t)
 
 
 def parse_request(kind: str, body: Any) -> GenerationRequest:
@@ -109,7 +153,10 @@ def _number(body: dict, key: str, default: float) -> float:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequest(f"`{key}` must be a number, got {type(value).__name__}", key)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:                       # an int beyond a double's range
+        raise InvalidRequest(f"`{key}` is out of range: send a number such as 0.7", key) from None
 
 
 def _type_name(tp: type) -> str:
