@@ -179,3 +179,20 @@ def test_create_json_and_bad_input(capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
+
+
+# ---- the gateway setting -----------------------------------------------------------------------------
+def test_keys_are_off_by_default_and_the_file_comes_from_a_flag_or_the_env(tmp_path, monkeypatch):
+    from services.common.settings import parse_settings
+    from services.gateway.main import GatewaySettings
+    from tests.procs import ROOT
+
+    model = str(ROOT / "models" / "SmolLM2-135M-Instruct")
+    assert GatewaySettings(model=model).api_keys_file == ""
+    path = tmp_path / "keys.yaml"
+    path.write_text("[]")
+    monkeypatch.setenv("FERRY_GATEWAY_API_KEYS_FILE", str(path))
+    assert parse_settings(GatewaySettings, ["--model", model], prog="gw",
+                          env_prefix="FERRY_GATEWAY_").api_keys_file == str(path)
+    with pytest.raises(ValueError, match="not a file"):
+        GatewaySettings(model=model, api_keys_file=str(tmp_path / "missing.yaml"))
