@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", type=int, default=1, metavar="M", help="decode workers")
     p.add_argument("--colocated", action="store_true",
                    help="the baseline: workers that do both phases (as many as --decode), no prefill pool")
-    p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
+    p.add_argument("--host", default="127.0.0.1", help="address every service listens on (--platform ray: each node's own address)")
     p.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the workers")
     p.add_argument("--dtype", default="float32")
@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "autoscaling)")
     p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="time-per-output-token SLO (gateway metrics, "
                    "autoscaling)")
-    p.add_argument("--log-dir", type=Path, default=None, help="process logs (default: a temporary folder)")
+    p.add_argument("--log-dir", type=Path, default=None, help="process logs (default: a temporary folder; --platform ray: on each node, by default inside "
+                        "the local Ray instance's temp dir, or /tmp/ferry-logs on a cluster)")
     p.add_argument("--service-auth", action="store_true",
                    help="every gRPC call between the stack's processes carries a token generated for this stack "
                         "(LOG_DIR/service-token, mode 0600; docs/serving.md#service-authentication)")
