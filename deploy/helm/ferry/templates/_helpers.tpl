@@ -111,3 +111,14 @@ namespace="{{ .Release.Namespace }}",ferry_cluster="{{ include "ferry.clusterNam
 {{- define "ferry.hasMonitoring" -}}
 {{- if or .Values.monitoring.assumeCRDs (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") }}true{{ end }}
 {{- end }}
+
+{{/* The Secret of the service token ("" when serviceAuth is off) and its key. */}}
+{{- define "ferry.serviceTokenSecret" -}}
+{{- if .Values.serviceAuth.enabled }}
+{{- default (printf "%s-service-token" (include "ferry.fullname" .)) .Values.serviceAuth.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "ferry.serviceTokenKey" -}}
+{{- if .Values.serviceAuth.existingSecret }}{{ default "token" .Values.serviceAuth.secretKey }}{{ else }}token{{ end }}
+{{- end }}
