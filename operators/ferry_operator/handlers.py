@@ -268,7 +268,6 @@ def _is_node_of_interest(body: kopf.Body, **_) -> bool:
         t.get("key") in TERMINATION_TAINTS for t in taints)
 
 
-@kopf.on.event("", "v1", "nodes", when=_is_node_of_interest)
 async def watch_node(body: kopf.Body, type: str | None, **_) -> None:
     node = body["metadata"]["name"]
     signal = None if type == "DELETED" else termination_signal(body, time.time())
@@ -291,3 +290,10 @@ async def watch_node(body: kopf.Body, type: str | None, **_) -> None:
         ref = ClusterRef(name=meta["labels"][CLUSTER_LABEL], namespace=meta["namespace"])
         notices = pending_notices([pod_state(pod)], RUNTIME.node_signals, RUNTIME.sent)
         await _send_notices(notices, RUNTIME.scheduler(ref))
+
+
+# Registered only with watch_nodes (FERRY_OPERATOR_WATCH_NODES, read when this module is imported:
+# __main__ puts every setting in the env first): without it kopf never lists Nodes, and the chart
+# leaves out the cluster-wide Node permission.
+if load_settings().watch_nodes:
+    kopf.on.event("", "v1", "nodes", when=_is_node_of_interest)(watch_node)

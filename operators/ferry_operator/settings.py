@@ -27,6 +27,8 @@ class OperatorSettings:
     drain_poll_seconds: float = setting(1.0, "reconcile this often while a cluster converges (drains, scaling)")
     grpc_timeout_seconds: float = setting(3.0, "deadline of each call to a scheduler")
     health_port: int = setting(8080, "port of the liveness endpoint GET /healthz (-1: off)")
+    watch_nodes: bool = setting(True, "watch Nodes for spot-termination taints (needs nodes list/watch "
+                                "cluster-wide; off: only the workers' own metadata polling sees notices)")
 
     def __post_init__(self) -> None:
         if self.resync_seconds <= 0 or self.drain_poll_seconds <= 0:

@@ -4,12 +4,15 @@ the Role/ClusterRoles the chart renders (no more, no less, no wildcards)."""
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
 
-from tests.deploy.chart import ROOT, find, render
+from tests.deploy.chart import RELEASE, ROOT, find, render
 
 KUBE = ROOT / "operators" / "ferry_operator" / "kube.py"
 HANDLERS = ROOT / "operators" / "ferry_operator" / "handlers.py"
@@ -69,6 +72,15 @@ def test_the_chart_grants_exactly_what_the_operator_calls(watch_all):
                                         f"missing: {sorted(set(NAMESPACED) - granted)}")
 
 
+def test_without_the_node_watch_nothing_is_granted_cluster_wide():
+    objects = render("--set", "operator.watchNodes=false")
+    assert not find(objects, "ClusterRole") and not find(objects, "ClusterRoleBinding")
+    assert operator_roles(objects) == {f"{RELEASE}-operator": set(NAMESPACED)}
+    [operator] = [o for o in find(objects, "Deployment") if o["metadata"]["name"] == f"{RELEASE}-operator"]
+    env = {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["FERRY_OPERATOR_WATCH_NODES"] == "false"
+
+
 def test_the_bindings_name_the_operators_service_account_only():
     objects = render()
     account = find(objects, "ServiceAccount")[0]["metadata"]["name"]
@@ -107,7 +119,23 @@ def test_every_client_call_of_the_operator_is_in_the_table():
 def test_kopf_watches_only_inferenceclusters_and_nodes():
     from operators.ferry_operator.names import PLURAL
 
-    decorated = re.findall(r"@kopf\.on\.(?:create|update|resume|delete|event|field|timer|daemon)\(([^)]*)\)",
-                           HANDLERS.read_text())
-    resources = {args.split(",")[2].strip().strip("\"'") for args in decorated}
+    registered = re.findall(r"kopf\.on\.(?:create|update|resume|delete|event|field|timer|daemon)\(([^)]*)\)",
+                            HANDLERS.read_text())
+    resources = {args.split(",")[2].strip().strip("\"'") for args in registered}
     assert resources == {"PLURAL", "nodes"} and PLURAL == "inferenceclusters"
+
+
+NODE_WATCH_PROBE = """
+import kopf
+import operators.ferry_operator.handlers
+registry = kopf._core.intents.registries.get_default_registry()
+print(sorted(repr(h.selector) for h in registry._watching.get_all_handlers()))
+"""
+
+
+@pytest.mark.parametrize("watch_nodes", [True, False])
+def test_the_node_watch_is_registered_only_when_asked_for(watch_nodes):
+    env = {**os.environ, "FERRY_OPERATOR_WATCH_NODES": str(watch_nodes).lower()}
+    out = subprocess.run([sys.executable, "-c", NODE_WATCH_PROBE], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert ("nodes" in out) is watch_nodes, out
