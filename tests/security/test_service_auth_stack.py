@@ -1,5 +1,5 @@
-"""Service authentication between real processes on loopback: a scheduler, a sim-engine worker and a
-gateway, all given FERRY_SERVICE_TOKEN_FILE. With the token every hop works (registration, heartbeats,
+"""Service authentication between real processes on loopback: a scheduler, a kvstore, a sim-engine worker
+and a gateway, all given FERRY_SERVICE_TOKEN_FILE. With the token every hop works (registration, heartbeats,
 Route, Prefill, the token sink: a completion comes back); without it, or with a wrong one, the scheduler
 and the worker answer UNAUTHENTICATED, and a worker without the token cannot register."""
 from __future__ import annotations
@@ -11,7 +11,14 @@ import openai
 import pytest
 
 from services.common import service_auth
-from services.gen.ferry.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.gen.ferry.v1 import (
+    kvstore_pb2,
+    kvstore_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 from tests.integration.stack import MODEL
 from tests.procs import eventually, free_port, start, stop, wait_for_port
 
@@ -34,6 +41,7 @@ class Cluster:
     def worker_args(self, port: int) -> list[str]:
         return ["serve", "decode", "--role", "both", "--engine", "sim", "--sim-profile", "llama3-8b-h100",
                 "--model", str(self.model), "--scheduler-address", self.scheduler, "--port", str(port),
+                "--kvstore-address", self.kvstore,
                 "--kv-cache-memory-gb", "0.25", "--cpu-threads", "1"]
 
     def tails(self) -> str:
@@ -52,6 +60,11 @@ def instances(address: str, token: str | None = TOKEN) -> list[scheduler_pb2.Ins
             scheduler_pb2.ListInstancesRequest(), timeout=5).instances)
 
 
+def kvstore_stats(address: str, token: str | None = TOKEN) -> kvstore_pb2.KVStoreStats:
+    with channel(address, token) as ch:
+        return kvstore_pb2_grpc.KVStoreStub(ch).Stats(kvstore_pb2.KVStoreStatsRequest(), timeout=5)
+
+
 def worker_stats(address: str, token: str | None = TOKEN) -> worker_pb2.WorkerStats:
     with channel(address, token) as ch:
         return worker_pb2_grpc.WorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=5)
@@ -65,8 +78,12 @@ def cluster(tmp_path_factory, smollm2_path):
         c.scheduler = f"127.0.0.1:{scheduler_port}"
         c.worker = f"127.0.0.1:{worker_port}"
         c.url = f"http://127.0.0.1:{http_port}"
+        kvstore_port = free_port()
+        c.kvstore = f"127.0.0.1:{kvstore_port}"
         c.start("scheduler", ["serve", "scheduler", "--port", str(scheduler_port), "--heartbeat-interval-s", "0.2"])
+        c.start("kvstore", ["serve", "kvstore", "--port", str(kvstore_port), "--capacity-gb", "0.1"])
         wait_for_port(scheduler_port, c.procs["scheduler"], timeout=60)
+        wait_for_port(kvstore_port, c.procs["kvstore"], timeout=60)
         c.start("worker", c.worker_args(worker_port))
         wait_for_port(worker_port, c.procs["worker"], timeout=120)
         c.start("gateway", ["serve", "gateway", "--model", str(smollm2_path), "--port", str(http_port),
@@ -93,6 +110,14 @@ def test_with_the_token_everywhere_a_request_is_served(cluster):
 def test_the_scheduler_refuses_a_client_without_the_token(cluster, token):
     with pytest.raises(grpc.RpcError) as e:
         instances(cluster.scheduler, token)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"], ids=["no-token", "wrong-token"])
+def test_the_kvstore_refuses_a_client_without_the_token(cluster, token):
+    kvstore_stats(cluster.kvstore)                 # with it: answered
+    with pytest.raises(grpc.RpcError) as e:
+        kvstore_stats(cluster.kvstore, token)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
