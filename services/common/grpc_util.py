@@ -14,6 +14,7 @@ from __future__ import annotations
 import grpc
 
 from services.common import service_auth
+from services.common.grpc_guard import RequestGuard
 
 MAX_MESSAGE_BYTES = 64 * 2**20
 
@@ -42,8 +43,9 @@ def channel(address: str) -> grpc.Channel:
 
 def aio_server() -> grpc.aio.Server:
     token = service_auth.configured_token()
-    interceptors = [service_auth.TokenServerInterceptor(token)] if token else None
-    return grpc.aio.server(options=OPTIONS, interceptors=interceptors)
+    interceptors = [service_auth.TokenServerInterceptor(token)] if token else []
+    # RequestGuard: a request that is no protobuf gets INVALID_ARGUMENT, not grpcio's UNKNOWN.
+    return grpc.aio.server(options=OPTIONS, interceptors=[*interceptors, RequestGuard()])
 
 
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:

@@ -27,6 +27,8 @@ from services.engine.config import DTYPES
 from services.engine.sampling import SamplingParams
 
 MAX_CHUNK_BYTES = 4 * 2**20
+KEY_HEX_CHARS = 32                  # a 16-byte block key (services.common.block_keys), in hex
+HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 class KVLayoutMismatch(ValueError):
@@ -41,6 +43,14 @@ class KVLayout:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_id, str) or self.dtype not in DTYPES:
+            raise ValueError(f"malformed KV layout: model_id must be a string and dtype one of {', '.join(DTYPES)}; "
+                             f"got {self.model_id!r}, {self.dtype!r}")
+        for name in ("block_size", "num_layers", "num_kv_heads", "head_dim"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"malformed KV layout: {name} must be a positive integer, got {getattr(self, name)!r}")
 
     @property
     def block_shape(self) -> tuple[int, ...]:
@@ -76,6 +86,13 @@ class KVPayload:
     data: bytes | bytearray = b""     # bytearray when assembled from a stream (read_stages)
 
     def __post_init__(self) -> None:
+        for name in ("num_prompt_tokens", "num_computed_tokens", "seed", "first_block", "num_blocks"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"KV payload for {self.request_id}: {name} must be an integer, "
+                                 f"got {getattr(self, name)!r}")
+        if not all(isinstance(k, str) and len(k) == KEY_HEX_CHARS and set(k) <= HEX_DIGITS for k in self.block_keys):
+            raise ValueError(f"KV payload for {self.request_id}: block keys must be {KEY_HEX_CHARS} hex digits "
+                             "(16-byte chained keys)")
         if not set(map(type, self.token_ids)) <= {int}:
             raise ValueError(f"KV payload for {self.request_id}: token_ids must be integers")
         expected = self.num_blocks * self.layout.bytes_per_block
@@ -134,7 +151,7 @@ class KVPayload:
         data = parts[0] if one else b"".join(parts)     # a single piece: no copy
         try:
             layout = KVLayout(**meta["layout"])
-            params = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()})
+            params = _params(meta["params"])
             rest = {k: v for k, v in meta.items() if k not in ("layout", "params")}
             if "token_ids_b64" in rest:
                 rest["token_ids"] = tuple(_uint32s(rest.pop("token_ids_b64")))
@@ -142,8 +159,8 @@ class KVPayload:
                 rest["token_ids"] = tuple(rest["token_ids"])
             rest["block_keys"] = tuple(rest["block_keys"])
             return cls(layout=layout, params=params, data=data, **rest)
-        except (KeyError, TypeError, binascii.Error) as e:
-            raise ValueError(f"malformed KV payload metadata: {e}") from None
+        except (KeyError, TypeError, AttributeError, binascii.Error) as e:
+            raise ValueError(f"malformed KV payload metadata: {e!r}") from None
 
     def encode(self) -> bytes:
         header = json.dumps(self.meta()).encode()
@@ -156,9 +173,35 @@ class KVPayload:
         (n,) = struct.unpack_from("<I", raw)
         try:
             meta = json.loads(raw[4:4 + n])
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"KV payload header is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:       # incl. UnicodeDecodeError, JSONDecodeError
+            raise ValueError(f"KV payload header is not valid JSON: {e!r}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"KV payload header must be a JSON object, got {type(meta).__name__}")  # noqa: TRY004 (one error type for any malformed payload)
         return cls.from_chunks(meta, [raw[4 + n:]])
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What each sampling field of a payload from the wire must be: a wrong type would pass SamplingParams'
+# checks and fail later, inside an engine step, where it takes down every request of the batch.
+PARAM_TYPES = {"max_tokens": _is_int, "temperature": lambda v: _is_int(v) or isinstance(v, float),
+               "top_p": lambda v: _is_int(v) or isinstance(v, float), "top_k": lambda v: v is None or _is_int(v),
+               "seed": lambda v: v is None or _is_int(v),
+               "stop": lambda v: isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v),
+               "stop_token_ids": lambda v: isinstance(v, (list, tuple)) and all(_is_int(t) and t >= 0 for t in v),
+               "ignore_eos": lambda v: isinstance(v, bool)}
+
+
+def _params(fields: object) -> SamplingParams:
+    if not isinstance(fields, dict):
+        raise ValueError(  # noqa: TRY004 (one error type for any malformed payload)
+            f"malformed KV payload metadata: params must be an object, got {type(fields).__name__}")
+    for name, value in fields.items():
+        if name not in PARAM_TYPES or not PARAM_TYPES[name](value):
+            raise ValueError(f"malformed KV payload metadata: params.{name} = {value!r}")
+    return SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def _uint32s(text: str) -> array.array:

@@ -34,35 +34,52 @@ def stage_chunks(payload: KVPayload, max_bytes: int = CHUNK_BYTES) -> Iterator[p
                          end_of_stage=i == last)
 
 
+class StageError(ValueError):
+    """A malformed stage, with the request id its stream named (so the receiver can release it even
+    when no stage of it ever parsed)."""
+
+    def __init__(self, message: str, request_id: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
 async def read_stages(chunks: AsyncIterator[pb.KVChunk]) -> AsyncIterator[KVPayload]:
-    """Payloads from a PushKV stream; ValueError on a malformed stage (says what was wrong).
+    """Payloads from a PushKV stream; StageError (a ValueError) on a malformed stage, saying what was wrong.
 
     A stage's bytes are appended to one buffer as its chunks arrive (each chunk's copy is freed at
     once), and `KVPayload.from_chunks` takes that buffer as is: one stage in memory, not two."""
     meta: dict | None = None
     data = bytearray()
     request_id = ""
-    async for chunk in chunks:
-        if request_id and chunk.request_id and chunk.request_id != request_id:
-            raise ValueError(f"one PushKV stream carries one request: got {chunk.request_id!r} "
-                             f"after {request_id!r}")
-        request_id = request_id or chunk.request_id
-        if meta is None:
-            if not chunk.header_json:
-                raise ValueError("a KV stage must start with a header chunk (header_json)")
-            try:
-                meta = json.loads(chunk.header_json)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"KV stage header is not valid JSON: {e}") from None
-            if not isinstance(meta, dict):
-                raise ValueError(f"KV stage header must be a JSON object, got {type(meta).__name__}")
-        data += chunk.data
-        if chunk.end_of_stage:
-            stage = [meta, data]
-            meta, data = None, bytearray()
-            yield _payload(stage, request_id)
-    if meta is not None:
-        raise ValueError("the PushKV stream ended in the middle of a stage")
+    try:
+        async for chunk in chunks:
+            if request_id and chunk.request_id and chunk.request_id != request_id:
+                raise ValueError(f"one PushKV stream carries one request: got {chunk.request_id!r} "
+                                 f"after {request_id!r}")
+            request_id = request_id or chunk.request_id
+            if meta is None:
+                meta = _header(chunk.header_json)
+            data += chunk.data
+            if chunk.end_of_stage:
+                stage = [meta, data]
+                meta, data = None, bytearray()
+                yield _payload(stage, request_id)
+        if meta is not None:
+            raise ValueError("the PushKV stream ended in the middle of a stage")
+    except ValueError as e:
+        raise StageError(str(e), request_id) from None
+
+
+def _header(header_json: str) -> dict:
+    if not header_json:
+        raise ValueError("a KV stage must start with a header chunk (header_json)")
+    try:
+        meta = json.loads(header_json)
+    except (ValueError, RecursionError) as e:       # JSONDecodeError, a 5000-digit int, [[[[...
+        raise ValueError(f"KV stage header is not valid JSON: {e!r}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"KV stage header must be a JSON object, got {type(meta).__name__}")  # noqa: TRY004
+    return meta
 
 
 def _payload(stage: list, request_id: str) -> KVPayload:
