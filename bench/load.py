@@ -33,11 +33,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import httpx
 
 from bench.serving import MemorySampler, children, free_port
 
@@ -56,6 +55,7 @@ vocab_size: 49152
 max_model_len: 4096
 """
 PROMPT = "Tell me about the sea. " * 12          # ~60 tokens
+STREAM_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -67,26 +67,59 @@ class Stream:
     error: str = ""
 
 
-async def one_stream(client: httpx.AsyncClient, max_tokens: int) -> Stream:
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+async def sse_events(host: str, port: int, path: str, body: bytes):
+    """POST `body` and yield the server-sent events' data (a minimal HTTP/1.1 client: the benchmark's own
+    CPU must not be what it measures — httpx spent as much CPU as the gateway at 1,000 streams)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (path.encode(), host.encode(), len(body), body))
+        status = await reader.readline()
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            key, _, value = line.decode("latin-1").partition(":")
+            headers[key.strip().lower()] = value.strip()
+        if not status.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"{status.decode().strip()}: {(await reader.read(300))!r}")
+        buffer = b""
+        while True:
+            if headers.get("transfer-encoding") == "chunked":
+                size = int((await reader.readline()).split(b";")[0], 16)
+                if size == 0:
+                    return
+                chunk = await reader.readexactly(size + 2)
+                buffer += chunk[:-2]
+            else:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                if event.startswith(b"data: "):
+                    yield event[6:]
+    finally:
+        writer.close()
+
+
+async def one_stream(host: str, port: int, max_tokens: int) -> Stream:
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
+                       "ignore_eos": True}).encode()
     start = time.perf_counter()
     stamps: list[float] = []
     finish = None
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                return Stream(False, error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    return Stream(False, error=str(event["error"])[:200])
-                choice = event["choices"][0]
-                if choice.get("text"):
-                    stamps.append(time.perf_counter())
-                finish = choice.get("finish_reason") or finish
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        async for data in sse_events(host, port, "/v1/completions", body):
+            if data == b"[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                return Stream(False, error=str(event["error"])[:200])
+            choice = event["choices"][0]
+            if choice.get("text"):
+                stamps.append(time.perf_counter())
+            finish = choice.get("finish_reason") or finish
+    except (OSError, RuntimeError, ValueError, asyncio.IncompleteReadError) as e:
         return Stream(False, error=f"{type(e).__name__}: {e}")
     if finish != "length" or not stamps:
         return Stream(False, error=f"finish_reason {finish!r} after {len(stamps)} chunks")
@@ -96,18 +129,17 @@ async def one_stream(client: httpx.AsyncClient, max_tokens: int) -> Stream:
 
 async def run_streams(base_url: str, concurrency: int, total: int, max_tokens: int) -> tuple[list[Stream], float]:
     """`total` streams, `concurrency` at a time (all at once when equal); returns them and the wall time."""
-    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
-    timeout = httpx.Timeout(300.0, connect=60.0)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
-        gate = asyncio.Semaphore(concurrency)
+    url = urllib.parse.urlsplit(base_url)
+    gate = asyncio.Semaphore(concurrency)
 
-        async def gated() -> Stream:
-            async with gate:
-                return await one_stream(client, max_tokens)
+    async def gated() -> Stream:
+        async with gate:
+            return await asyncio.wait_for(one_stream(url.hostname, url.port, max_tokens), STREAM_TIMEOUT_S)
 
-        start = time.perf_counter()
-        streams = await asyncio.gather(*(gated() for _ in range(total)))
-        return list(streams), time.perf_counter() - start
+    start = time.perf_counter()
+    streams = await asyncio.gather(*(gated() for _ in range(total)), return_exceptions=True)
+    streams = [s if isinstance(s, Stream) else Stream(False, error=f"{type(s).__name__}: {s}") for s in streams]
+    return streams, time.perf_counter() - start
 
 
 def route_histogram(metrics_port: int) -> tuple[dict[float, float], float]:
