@@ -269,3 +269,23 @@ def test_every_service_still_serves(sim_stack, addresses):
     sim_stack.check_alive()
     from tests.procs import eventually
     assert eventually(sim_stack.idle, timeout=10)
+
+
+def test_junk_events_for_a_running_request_do_not_break_its_stream(sim_stack, addresses):
+    """Events for a live request at positions it never reaches (an index of 2^32 - 1, token ids past
+    the vocabulary, an unknown finish reason) are held, never emitted: the stream ends as it would."""
+    import httpx
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 48, "stream": True, "seed": 3}
+    with httpx.Client(base_url=f"{sim_stack.url}/v1", timeout=30) as http, \
+            http.stream("POST", "/completions", json=body) as r:
+        assert r.status_code == 200
+        rid = r.headers["x-request-id"]
+        junk = token_sink_pb2.TokenBatch(events=[
+            token_sink_pb2.TokenEvent(request_id=rid, index=2**32 - 1, token_ids=[2**32 - 1] * 100),
+            token_sink_pb2.TokenEvent(request_id=rid, index=10**6, finish_reason="nonsense")])
+        code, details, _ = message_call(addresses["sink"], "/ferry.v1.TokenSink/Push", "client_stream", junk)
+        assert code == OK, (code, details)
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert not any('"error"' in line for line in lines)
+    assert '"finish_reason": "length"' in lines[-2]
