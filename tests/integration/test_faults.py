@@ -239,7 +239,7 @@ def test_gateway_kill_9_mid_stream_clean_client_error_and_nothing_stuck_on_worke
     try:
         streams = [Streamer(stack, f"Story {i}. {LONG_PROMPT}", 6000) for i in range(3)]
         assert all(s.midway.wait(60) for s in streams)
-        assert busy(stack) == 3
+        assert busy(stack) >= 3
         killed = time.monotonic()
         kill_9(stack, "gateway")
         for s in streams:

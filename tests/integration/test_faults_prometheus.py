@@ -58,8 +58,8 @@ def test_prometheus_down_the_built_in_scraper_stands_in_and_prometheus_is_used_a
             assert not reads_from(stack, "prometheus")
         assert scheduler_metric(stack, errors) == failed, "no read failed: one source always answered"
         text = stack.log("scheduler").read_text()
-        assert text.count("stands in") == 3 and text.count("telemetry: back to Prometheus") == 2, \
-            "one log line per switch"
+        backs = text.count("telemetry: back to Prometheus")
+        assert backs >= 2 and text.count("stands in") == backs + 1, "one log line per switch"
         assert scheduler_metric(stack, 'ferry_scheduler_autoscaler_demand_requests_per_second{pool="decode"}') > 0
     finally:
         stack.stop()
