@@ -58,6 +58,7 @@ class Gateway:
     metrics: GatewayMetrics
     token_timeout_s: float = 120.0
     access: Access | None = None       # None: no API keys (the default)
+    max_body_bytes: int | None = None  # larger request bodies get a 413 (None: no limit)
 
 
 def create_app(gw: Gateway) -> FastAPI:
@@ -122,7 +123,7 @@ async def _generate(gw: Gateway, request: Request, kind: str) -> Response:
 
 async def _run(gw: Gateway, request: Request, kind: str, endpoint: str, admission: Admission | None) -> Response:
     try:
-        req = parse_request(kind, decode_body(await request.body()))
+        req = parse_request(kind, decode_body(await read_body(request, gw.max_body_bytes)))
         plan = _plan(gw, req)
     except InvalidRequest as e:
         return _error(gw, endpoint, e)
@@ -176,6 +177,23 @@ def _plan(gw: Gateway, req: GenerationRequest) -> Plan:
     if req.seed is not None:
         sampling.seed = req.seed % 2**63
     return Plan(req.model, ids, sampling, req.stop, info.block_size, PRIORITY_TO_PROTO[req.priority])
+
+
+async def read_body(request: Request, limit: int | None) -> bytes:
+    """The request body, refused with a 413 as soon as it is known to be over `limit` bytes (by its
+    Content-Length, or while it streams in), so a huge body is never held whole."""
+    too_large = InvalidRequest(f"the request body is over this gateway's limit of {limit} bytes "
+                               "(--max-body-mb): send a shorter prompt", status=413, code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if limit is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _error(gw: Gateway, endpoint: str, e: InvalidRequest, kind: str = "invalid_request_error") -> JSONResponse:

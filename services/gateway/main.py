@@ -32,6 +32,7 @@ class GatewaySettings:
     api_keys_file: str = setting("", "YAML/JSON list of API keys {name, sha256, requests_per_minute, "
                                  "tokens_per_minute} (`ferry admin api-key create`); re-read when it changes. "
                                  "Empty: no keys, the API is open; /health and /metrics always are")
+    max_body_mb: float = setting(16.0, "largest request body accepted, in MiB (larger: 413 before it is read whole)")
 
     def __post_init__(self) -> None:
         if not (Path(self.model) / "tokenizer.json").is_file() and not (Path(self.model) / "tokenizer.model").is_file():
@@ -41,6 +42,8 @@ class GatewaySettings:
                 raise ValueError(f"{name} {getattr(self, name)} is outside 0..65535")
         if self.token_timeout_s <= 0:
             raise ValueError("token_timeout_s must be > 0")
+        if self.max_body_mb <= 0:
+            raise ValueError(f"--max-body-mb {self.max_body_mb} must be > 0")
         if self.slo_ttft_ms <= 0 or self.slo_tpot_ms <= 0:
             raise ValueError(f"the SLO must be > 0 ms, got TTFT {self.slo_ttft_ms} and TPOT {self.slo_tpot_ms}: "
                              "set --slo-ttft-ms and --slo-tpot-ms")
@@ -84,7 +87,8 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
     scheduler.on_refresh = watch.scheduler_listed
     metrics = GatewayMetrics(SLO(ttft_s=s.slo_ttft_ms / 1000, tpot_s=s.slo_tpot_ms / 1000))
     gw = Gateway(tokenizer=tokenizer, sink=sink, sink_address=s.sink_advertise_address or f"{s.host}:{sink_port}",
-                 scheduler=scheduler, channels=channel, metrics=metrics, token_timeout_s=s.token_timeout_s)
+                 scheduler=scheduler, channels=channel, metrics=metrics, token_timeout_s=s.token_timeout_s,
+                 max_body_bytes=int(s.max_body_mb * 2**20))
     if keys is not None:
         gw.access = Access(keys, metrics)
         log.info("API keys required: %d keys in %s", len(keys.ring.keys), keys.path)
