@@ -84,6 +84,7 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
 
     watch = WorkerWatch(sink, channel)              # a worker gone mid-request: its requests resume
     sink.on_push_ended = watch.push_ended
+    sink.on_unknown = watch.tokens_unclaimed
     scheduler.on_refresh = watch.scheduler_listed
     metrics = GatewayMetrics(SLO(ttft_s=s.slo_ttft_ms / 1000, tpot_s=s.slo_tpot_ms / 1000))
     gw = Gateway(tokenizer=tokenizer, sink=sink, sink_address=s.sink_advertise_address or f"{s.host}:{sink_port}",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -116,13 +117,22 @@ class OutputStream:
         return await asyncio.wait_for(self._queue.get(), timeout)
 
 
+MAX_TOLD = 65536       # unknown request ids remembered, so that each is reported once
+
+
 class TokenSink(token_sink_pb2_grpc.TokenSinkServicer):
     """Streams by request id (and by every attempt id of a resumed request). `on_push_ended(address)`
-    is called when a worker's Push stream ends, normally or not (worker_watch.py decides what it means)."""
+    is called when a worker's Push stream ends, normally or not (worker_watch.py decides what it means).
+    `on_unknown(address, request_ids)` is called once per request id whose tokens arrive with no stream
+    here: a request of a gateway that was restarted, or an attempt given up on; the worker should stop
+    it (main.py sends it an Abort)."""
 
-    def __init__(self, on_push_ended: Callable[[str], None] | None = None) -> None:
+    def __init__(self, on_push_ended: Callable[[str], None] | None = None,
+                 on_unknown: Callable[[str, list[str]], None] | None = None) -> None:
         self.streams: dict[str, OutputStream] = {}
         self.on_push_ended = on_push_ended
+        self.on_unknown = on_unknown
+        self._told: OrderedDict[str, None] = OrderedDict()      # unknown ids already reported (bounded)
 
     def open(self, request_id: str) -> OutputStream:
         stream = self.streams[request_id] = OutputStream(request_id)
@@ -148,16 +158,31 @@ class TokenSink(token_sink_pb2_grpc.TokenSinkServicer):
         try:
             async for batch in request_iterator:
                 address = batch.worker_address or address
+                unknown = []
                 for event in batch.events:
                     stream = self.streams.get(event.request_id)
-                    if stream is not None:              # unknown: the client left; the worker is told
-                        if batch.worker_address:
-                            stream.workers.add(batch.worker_address)
-                        stream.feed(event, batch.worker_address)
+                    if stream is None:
+                        unknown.append(event.request_id)
+                        continue
+                    if batch.worker_address:
+                        stream.workers.add(batch.worker_address)
+                    stream.feed(event, batch.worker_address)
+                if unknown and batch.worker_address:
+                    self._report_unknown(batch.worker_address, unknown)
         finally:        # ended by the worker, or cancelled because its connection broke (it died)
             if address and self.on_push_ended is not None:
                 self.on_push_ended(address)
         return token_sink_pb2.PushReply()
+
+
+    def _report_unknown(self, address: str, request_ids: list[str]) -> None:
+        new = [rid for rid in dict.fromkeys(request_ids) if rid not in self._told]
+        for rid in new:
+            self._told[rid] = None
+        while len(self._told) > MAX_TOLD:
+            self._told.popitem(last=False)
+        if new and self.on_unknown is not None:
+            self.on_unknown(address, new)
 
 
 def _end(event: token_sink_pb2.TokenEvent) -> int:

@@ -42,6 +42,23 @@ class WorkerWatch:
         self.channels = channels
         self._checking: dict[str, asyncio.Task] = {}     # address -> its check in flight (one at a time)
         self._healthy: set[str] = set()                  # addresses the scheduler listed healthy last time
+        self._aborts: set[asyncio.Task] = set()          # Aborts in flight (held until done)
+
+    def tokens_unclaimed(self, address: str, request_ids: list[str]) -> None:
+        """TokenSink.on_unknown: tokens came for requests no client here waits for (this gateway was
+        restarted, or gave the attempt up): tell the worker to stop them instead of generating on."""
+        task = asyncio.create_task(self._abort(address, request_ids), name=f"abort on {address}")
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+
+    async def _abort(self, address: str, request_ids: list[str]) -> None:
+        stub = worker_pb2_grpc.WorkerStub(self.channels(address))
+        for rid in request_ids:
+            try:
+                await stub.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=PROBE_TIMEOUT_S * 5)
+            except grpc.aio.AioRpcError as e:       # gone already: nothing runs there
+                log.debug("abort of unclaimed %s on %s: %s", rid, address, e.code().name)
+        log.info("stopped %d request(s) on %s that no client here waits for", len(request_ids), address)
 
     def push_ended(self, address: str) -> None:
         """TokenSink.on_push_ended: a worker's Push stream ended."""

@@ -101,3 +101,18 @@ async def test_sink_routes_events_by_request_and_ignores_unknown_ones():
     sink.close("a")
     sink.close("a")
     assert list(sink.streams) == ["b"]
+
+
+async def test_tokens_nobody_waits_for_are_reported_once_per_request_with_their_worker():
+    told: list[tuple[str, list[str]]] = []
+    sink = TokenSink(on_unknown=lambda address, ids: told.append((address, ids)))
+    sink.open("a")
+
+    async def batches():
+        yield pb.TokenBatch(events=[ev(0, 1, rid="a"), ev(0, 2, rid="old"), ev(1, 3, rid="old")],
+                            worker_address="w1:1")
+        yield pb.TokenBatch(events=[ev(2, 4, rid="old"), ev(0, 5, rid="other")], worker_address="w1:1")
+        yield pb.TokenBatch(events=[ev(0, 6, rid="anon")])           # no worker address: nobody to tell
+
+    await sink.Push(batches(), None)
+    assert told == [("w1:1", ["old"]), ("w1:1", ["other"])]

@@ -260,6 +260,29 @@ def test_gateway_kill_9_mid_stream_clean_client_error_and_nothing_stuck_on_worke
         stack.stop()
 
 
+def test_gateway_restarted_at_once_stops_the_requests_of_its_former_self(tmp_path, smollm2_path):
+    """A gateway back within SINK_LOST_AFTER_S: the workers reconnect before they give up on it, and the
+    tokens of its former requests reach the new gateway, which has no client for them: it tells the
+    workers to stop them, so they do not run on to max_tokens."""
+    stack = sim_stack("gateway-quick-restart", tmp_path / "stack", smollm2_path, num_decode=2)
+    try:
+        streams = [Streamer(stack, f"Tale {i}. {LONG_PROMPT}", 6000) for i in range(3)]
+        assert all(s.midway.wait(60) for s in streams)
+        assert busy(stack) >= 3
+        kill_9(stack, "gateway")
+        restart(stack, "gateway")
+        restarted = time.monotonic()
+        for s in streams:
+            s.join(30)
+            assert s.error is not None and s.finish is None, "the client sees the stream break"
+        assert eventually(lambda: busy(stack) == 0, timeout=SINK_LOST_AFTER_S, interval=0.2), \
+            "the former gateway's requests run on"
+        print(f"workers idle {time.monotonic() - restarted:.1f} s after the restart")
+        generate(stack, "A new request after the restart.", 16)
+    finally:
+        stack.stop()
+
+
 def test_prefill_worker_kill_9_mid_traffic_requests_go_to_the_other(tmp_path, smollm2_path):
     """Two prefill workers under closed-loop traffic; one dies. Requests in its prefill resume on the
     other one (the gateway's resume path); later ones are routed there; no client sees an error, and
