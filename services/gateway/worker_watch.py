@@ -1,6 +1,6 @@
 """Noticing that a worker went away with requests on it, so their `Generation`s resume at once.
 
-Two signs, each confirmed by asking the worker itself (`Stats`, 1 s) before anything happens:
+Two signs, each confirmed by asking the worker itself (`Stats`, 5 s) before anything happens:
 
 - its TokenSink Push stream ended (the process died: the RPC is cancelled; or it stopped). A worker
   that only lost the connection (a gateway blip) answers, reopens its stream and keeps its requests;
@@ -23,7 +23,10 @@ from services.gateway.token_sink import Lost, TokenSink
 from services.gen.ferry.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
-PROBE_TIMEOUT_S = 1.0
+# A dead worker refuses the probe at once; the timeout only decides when a live but CPU-starved one
+# (heartbeats late, Stats slow) is taken for dead, and resuming its requests elsewhere would only add load.
+PROBE_TIMEOUT_S = 5.0
+ABORT_TIMEOUT_S = 5.0
 
 
 async def is_alive(channels: Callable[[str], grpc.aio.Channel], address: str) -> bool:
@@ -55,7 +58,7 @@ class WorkerWatch:
         stub = worker_pb2_grpc.WorkerStub(self.channels(address))
         for rid in request_ids:
             try:
-                await stub.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=PROBE_TIMEOUT_S * 5)
+                await stub.Abort(worker_pb2.AbortRequest(request_id=rid), timeout=ABORT_TIMEOUT_S)
             except grpc.aio.AioRpcError as e:       # gone already: nothing runs there
                 log.debug("abort of unclaimed %s on %s: %s", rid, address, e.code().name)
         log.info("stopped %d request(s) on %s that no client here waits for", len(request_ids), address)
