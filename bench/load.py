@@ -276,7 +276,8 @@ def table(report: dict) -> str:
     lines.append("")
     for part in report["profiles"].values():
         for r in part["runs"]:
-            lines.append(f"{r['run']}: CPU s " + ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_s"].items()))
+            per_request = {k.split()[0]: v * 1e3 / r["requests"] for k, v in r["cpu_s"].items() if v > 0}
+            lines.append(f"{r['run']}: CPU ms per request: " + ", ".join(f"{k} {v:.1f}" for k, v in per_request.items()))
     for label, part in report["profiles"].items():
         for name, m in part["memory"].items():
             lines.append(f"{label}: {name} RSS {m['start_mb']:.0f} MB at start, {m['peak_mb']:.0f} MB at peak")

@@ -6,25 +6,15 @@ of the autoscaler fails meanwhile, and `ferry_scheduler_telemetry_source` follow
 """
 from __future__ import annotations
 
-import urllib.request
-
 import pytest
 
 from tests.integration.prometheus import MISSING, Target, TestPrometheus, prometheus_binary
 from tests.integration.stack import Stack
 from tests.integration.test_faults import generate, sim_stack
+from tests.integration.test_prometheus_telemetry import scheduler_metric
 from tests.procs import eventually, free_port
 
 pytestmark = pytest.mark.integration
-
-
-def scheduler_metric(stack: Stack, sample: str) -> float:
-    """One sample of the scheduler's /metrics by its exact `name{labels}` (NaN when absent)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['scheduler']}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(sample + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return float("nan")
 
 
 def reads_from(stack: Stack, source: str) -> bool:

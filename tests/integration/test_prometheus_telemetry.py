@@ -29,11 +29,11 @@ SELECTOR = f'namespace="{NAMESPACE}",ferry_cluster="{CLUSTER}"'
 REQUESTS = 12
 
 
-def scheduler_metric(stack: Stack, text: str) -> float:
-    """One sample of the scheduler's /metrics, by its exact `name{labels}`."""
+def scheduler_metric(stack: Stack, sample: str) -> float:
+    """One sample of the scheduler's /metrics by its exact `name{labels}` (NaN when absent)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['scheduler']}/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith(text + " "):
+            if line.startswith(sample + " "):
                 return float(line.rsplit(" ", 1)[1])
     return float("nan")
 
