@@ -6,7 +6,7 @@ MODEL_DIR ?= models/SmolLM2-135M-Instruct
 # Marks a completed dependency install; redone when pyproject.toml changes (or delete it to force).
 STAMP     = $(VENV)/.ferry-install.stamp
 
-.PHONY: install run test test-fast bench lint proto k8s-toolchain e2e e2e-kind images sim-scale sim-experiments sim-autoscaling sim-spot sim-power
+.PHONY: install run test test-soak test-fast bench lint proto k8s-toolchain e2e e2e-kind images sim-scale sim-experiments sim-autoscaling sim-spot sim-power
 
 install: $(STAMP) proto
 	$(PY) -m services.engine.prepare_model --out $(MODEL_DIR)
@@ -35,11 +35,15 @@ $(STAMP): pyproject.toml
 run:
 	HF_HUB_OFFLINE=1 $(PY) -m services.cli up --model $(MODEL_DIR) $(ARGS)
 
+# The default suite (~17 min on 2 cores); the soak suites (~8 min) run in CI too: `make test-soak`.
 test:
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not soak"
+
+test-soak:
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m soak
 
 test-fast:
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not soak"
 
 # Kubernetes (docs/kubernetes.md): kube-apiserver, controller-manager and scheduler v1.20.2 built from
 # Debian's source package, plus helm and kubectl, cached in ~/.cache/ferry/k8s (minutes, once).

@@ -22,7 +22,7 @@ from tests.integration.stack import MODEL
 from tests.integration.streams import Load, attainment
 from tests.procs import ROOT, eventually, free_port, interrupt
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
 
 SLO_TPOT_S = 0.060
 PROFILE = """\

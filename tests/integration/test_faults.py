@@ -32,7 +32,7 @@ from services.worker.token_pusher import SINK_LOST_AFTER_S
 from tests.integration.stack import MODEL, Shape, Stack, client, start_stack
 from tests.procs import eventually, free_port, start, wait_for_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
 
 SEED = 7
 LONG_PROMPT = "the lighthouse keeper watched the storm roll in over the grey sea " * 12    # ~ 10 blocks

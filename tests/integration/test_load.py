@@ -17,7 +17,7 @@ from bench.load import (
     stop_stack,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
 
 CONCURRENCY = 1000
 

@@ -27,7 +27,7 @@ from tests.integration.streams import Load
 from tests.integration.test_autoscaling import PROFILE, SLO_TPOT_S, metric
 from tests.procs import ROOT, eventually, free_port, interrupt
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
 
 SIM_MODEL = "smollm2-sim"
 HIGH, LOW = 24, 4           # streams in each phase
