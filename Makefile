@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 run:
 	HF_HUB_OFFLINE=1 $(PY) -m services.cli up --model $(MODEL_DIR) $(ARGS)
 
-# The default suite (~17 min on 2 cores); the soak suites (~8 min) run in CI too: `make test-soak`.
+# The default suite (19 min on 2 cores in CI); the soak suites (5 min) run in CI too: `make test-soak`.
 test:
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not soak"
 
