@@ -55,12 +55,21 @@ def kill_9(stack: Stack, name: str) -> None:
     proc.wait(10)
 
 
+def wait_listening(proc: subprocess.Popen, port_flags: tuple[str, ...]) -> None:
+    """Wait until `proc` listens on every port it was given (its gRPC or HTTP port and its /metrics)."""
+    args = [str(a) for a in proc.args]
+    for option in port_flags + ("--metrics-port",):
+        if option in args:
+            wait_for_port(int(flag(proc, option)), proc, timeout=60)
+
+
 def restart(stack: Stack, name: str, port_flag: str = "--port") -> subprocess.Popen:
-    """Start `name` again with the arguments it had (same ports), once the old process is gone."""
+    """Start `name` again with the arguments it had (same ports), once the old process is gone and the new
+    one listens on all of them."""
     old = stack.procs[name]
     assert old.poll() is not None, f"{name} still runs"
     stack.procs[name] = start([str(a) for a in old.args[3:]], log=stack.log(name))   # after `python -m services.cli`
-    wait_for_port(int(flag(old, port_flag)), stack.procs[name], timeout=60)
+    wait_listening(stack.procs[name], (port_flag,))
     return stack.procs[name]
 
 
@@ -70,7 +79,7 @@ def clone(stack: Stack, name: str, new_name: str, ports: dict[str, int]) -> subp
     for option, port in ports.items():
         args[args.index(option) + 1] = str(port)
     stack.procs[new_name] = start(args, log=stack.log(new_name))
-    wait_for_port(ports["--port"], stack.procs[new_name], timeout=60)
+    wait_listening(stack.procs[new_name], ("--port",))
     return stack.procs[new_name]
 
 
