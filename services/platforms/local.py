@@ -307,13 +307,15 @@ def check_args(args: argparse.Namespace) -> str:
     return ""
 
 
-def configure_service_auth(args: argparse.Namespace, log_dir: Path | None) -> None:
+def configure_service_auth(args: argparse.Namespace, log_dir: Path | None) -> Path | None:
     """Service authentication for the whole stack: the children (and this process's own gRPC calls)
-    read FERRY_SERVICE_TOKEN_FILE, set here from --service-token-file or a token made for --service-auth."""
+    read FERRY_SERVICE_TOKEN_FILE, set here from --service-token-file or a token made for --service-auth.
+    Returns the temporary folder made for that token (no log dir to hold it), for the caller to remove."""
+    made = None
     if args.service_token_file is not None:
         service_auth.use_token_file(args.service_token_file)
     elif args.service_auth:
-        folder = log_dir or Path(tempfile.mkdtemp(prefix="ferry-up-"))
+        folder = log_dir or (made := Path(tempfile.mkdtemp(prefix="ferry-up-")))
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "service-token"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -323,6 +325,7 @@ def configure_service_auth(args: argparse.Namespace, log_dir: Path | None) -> No
         service_auth.use_token_file(path)
     else:
         service_auth.configured_token()         # an env var naming a bad file stops here
+    return made
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,13 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     local = args.platform == "local"
     log_dir = (args.log_dir or Path(tempfile.mkdtemp(prefix="ferry-up-"))) if local else args.log_dir
     try:
-        configure_service_auth(args, log_dir)
+        token_dir = configure_service_auth(args, log_dir)
     except ValueError as e:
         print(f"ferry up: {e}", file=sys.stderr)
         return 2
     if not local:
         from services.platforms.ray_up import run
-        return run(args)
+        try:
+            return run(args)
+        finally:
+            if token_dir is not None:
+                shutil.rmtree(token_dir, ignore_errors=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ferry up: %(message)s", stream=sys.stderr)
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(args.host, log_dir)

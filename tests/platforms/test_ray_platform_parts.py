@@ -4,6 +4,11 @@ with the scheduler's registry, the closed-network environment, and `ferry up`'s 
 (tests/integration/test_ray_platform.py runs it all on a real Ray instance.)"""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from services.gen.ferry.v1 import scheduler_pb2
@@ -16,6 +21,7 @@ from services.platforms.ray_service import fill
 from services.platforms.stack_args import worker_argv
 from tests.procs import free_port
 
+ROOT = Path(__file__).resolve().parents[2]
 PLANE = ControlPlane("10.0.0.1", 50050, 50051, 6380, 50070)
 
 
@@ -139,3 +145,14 @@ def test_ferry_up_refuses_what_cannot_work_before_starting_anything(argv, proble
 def test_a_valid_ray_command_line_passes():
     assert check_args(args("--engine", "sim", "--served-model-name", "s", "--llm-pair", "--autoscale")) == ""
 
+
+
+def test_the_service_token_made_for_a_ray_stack_goes_when_ferry_up_ends(tmp_path):
+    """`--platform ray --service-auth` without --log-dir keeps the token in a temp folder of its own; it is
+    removed when `ferry up` returns, here after a start that fails (ray imported before its settings)."""
+    code = ("import sys, ray; from services.platforms.local import main; "
+            "sys.exit(main(['--platform', 'ray', '--service-auth', '--engine', 'sim']))")
+    done = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "ray was imported before" in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []
