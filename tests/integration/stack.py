@@ -184,6 +184,8 @@ def _launch(stack: Stack, model: Path, shape: Shape) -> None:
                                     "--sink-port", str(free_port()), "--scheduler-address",
                                     stack.scheduler_address])
     wait_for_port(http_port, stack.procs["gateway"], timeout=60)
+    for name, port in stack.metrics_ports.items():      # each serves /metrics from a thread of its own
+        wait_for_port(port, stack.procs[name], timeout=60)
 
     def ready() -> bool:
         stack.check_alive()
