@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +39,23 @@ def start(args: list[str], *, log: Path, env: dict[str, str] | None = None) -> s
     out = open(log, "ab")  # noqa: SIM115 (the child owns it)
     return subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=full_env,
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start_redis(port: int, folder: Path, log: Path | None = None) -> subprocess.Popen:
+    """A real redis-server on 127.0.0.1:`port`, no persistence, in its own process group; returns once it
+    listens. Skips the test when redis-server is not installed."""
+    import pytest
+    redis = shutil.which("redis-server")
+    if redis is None:
+        pytest.skip("redis-server is not installed (apt install redis-server)")
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
+    proc = subprocess.Popen([redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--daemonize", "no", "--dir", str(folder)],
+                            cwd=folder, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    if log:
+        out.close()
+    wait_for_port(port, proc, timeout=30)
+    return proc
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:

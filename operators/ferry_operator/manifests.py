@@ -106,6 +106,8 @@ def config_data(ref: ClusterRef, spec: ClusterSpec) -> dict[str, str]:
     }
     if s.migration_policies:
         data["FERRY_SCHEDULER_MIGRATION_POLICIES"] = ",".join(s.migration_policies)
+    if spec.gateway.api_keys.is_enabled and s.redis_url:    # every gateway replica counts a key's limits once
+        data["FERRY_GATEWAY_RATE_LIMIT_REDIS_URL"] = s.redis_url
     data.update(slo_data(spec))
     if s.autoscaling.enabled:
         data.update(autoscaling_data(ref, spec))

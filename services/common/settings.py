@@ -24,6 +24,15 @@ T = TypeVar("T")
 ENV_PREFIX = "FERRY_"
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_redis_url(flag: str, url: str) -> None:
+    """A Redis URL setting is empty or one redis-py can open; else the ValueError that says so."""
+    if url and not url.startswith(REDIS_SCHEMES):
+        raise ValueError(f"{flag} {url!r} must start with one of {', '.join(REDIS_SCHEMES)} (or be empty)")
+
+
 def setting(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field with help text for its flag."""
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})

@@ -111,7 +111,7 @@ async def _generate(gw: Gateway, request: Request, kind: str) -> Response:
     admission = None
     if gw.access is not None:
         key = gw.access.authenticate(request.headers.get("authorization"))
-        admission = key if isinstance(key, JSONResponse) else gw.access.admit_request(key)
+        admission = key if isinstance(key, JSONResponse) else await gw.access.admit_request(key)
         if isinstance(admission, JSONResponse):
             gw.metrics.requests.labels(endpoint, str(admission.status_code)).inc()
             return admission
@@ -128,7 +128,7 @@ async def _run(gw: Gateway, request: Request, kind: str, endpoint: str, admissio
     except InvalidRequest as e:
         return _error(gw, endpoint, e)
     if admission is not None and gw.access is not None:
-        admitted = gw.access.admit_tokens(admission, len(plan.prompt_token_ids) + plan.sampling.max_tokens)
+        admitted = await gw.access.admit_tokens(admission, len(plan.prompt_token_ids) + plan.sampling.max_tokens)
         if isinstance(admitted, JSONResponse):
             gw.metrics.requests.labels(endpoint, "429").inc()
             return admitted

@@ -9,7 +9,8 @@ Off unless `--api-keys-file` is set. When on, every /v1/ request needs `Authoriz
 
 /health and /metrics stay open (load balancers and Prometheus call them without a key). Rejections are
 counted in ferry_gateway_requests_rejected_total{reason, key} under the key's name, never the key; nothing
-here logs a key, a header or a body.
+here logs a key, a header or a body. The buckets are this process's, or with `--rate-limit-redis-url` one
+set in Redis shared by every gateway replica (rate_limit_redis.py).
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fastapi.responses import JSONResponse
 
 from services.gateway.api_keys import ApiKey, KeysFile
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.protocol import error_body
-from services.gateway.rate_limit import Decision, RateLimiter
+from services.gateway.rate_limit import Decision, LocalBuckets
 
 UNAUTHENTICATED, RATE_LIMITED = "unauthenticated", "rate_limited"
 
@@ -35,19 +37,27 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+class Buckets(Protocol):
+    """Where the rate-limit buckets live: this process (rate_limit.LocalBuckets) or Redis, shared by every
+    gateway replica (rate_limit_redis.RedisBuckets)."""
+    async def take(self, bucket_id: tuple[str, str], per_minute: int, cost: int) -> Decision: ...
+    def retain(self, names: set[str]) -> None: ...
+
+
 class Access:
-    def __init__(self, keys: KeysFile, metrics: GatewayMetrics, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, keys: KeysFile, metrics: GatewayMetrics, clock: Callable[[], float] = time.monotonic,
+                 buckets: Buckets | None = None) -> None:
         self.keys = keys
         self.metrics = metrics
         self.clock = clock
-        self.limiter = RateLimiter()
+        self.buckets = buckets or LocalBuckets(clock)
         self._ring = keys.ring
 
     def authenticate(self, authorization: str | None) -> ApiKey | JSONResponse:
         """The key an `Authorization` header names, or the 401 to answer."""
         ring = self.keys.current(self.clock())
         if ring is not self._ring:                  # the file changed: forget the buckets of removed keys
-            self.limiter.retain(ring.names)
+            self.buckets.retain(ring.names)
             self._ring = ring
         scheme, _, presented = (authorization or "").strip().partition(" ")
         presented = presented.strip()
@@ -59,20 +69,20 @@ class Access:
                                          "(ask its operator for one)")
         return key
 
-    def admit_request(self, key: ApiKey) -> Admission | JSONResponse:
+    async def admit_request(self, key: ApiKey) -> Admission | JSONResponse:
         """One generation request against the key's requests_per_minute."""
         admission = Admission(key)
         if key.requests_per_minute is None:
             return admission
-        decision = self.limiter.try_take((key.name, "requests"), key.requests_per_minute, 1, self.clock())
+        decision = await self.buckets.take((key.name, "requests"), key.requests_per_minute, 1)
         return self._judge(admission, decision, "requests", 1)
 
-    def admit_tokens(self, admission: Admission, num_tokens: int) -> Admission | JSONResponse:
+    async def admit_tokens(self, admission: Admission, num_tokens: int) -> Admission | JSONResponse:
         """The request's prompt + max_tokens against the key's tokens_per_minute."""
         limit = admission.key.tokens_per_minute
         if limit is None:
             return admission
-        decision = self.limiter.try_take((admission.key.name, "tokens"), limit, num_tokens, self.clock())
+        decision = await self.buckets.take((admission.key.name, "tokens"), limit, num_tokens)
         return self._judge(admission, decision, "tokens", num_tokens)
 
     def _judge(self, admission: Admission, d: Decision, what: str, cost: int) -> Admission | JSONResponse:

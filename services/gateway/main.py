@@ -12,7 +12,7 @@ from pathlib import Path
 
 from services.common.grpc_util import aio_channel, aio_server, bind
 from services.common.lifecycle import run_service
-from services.common.settings import parse_settings, setting
+from services.common.settings import check_redis_url, parse_settings, setting
 from services.gen.ferry.v1 import token_sink_pb2_grpc
 
 log = logging.getLogger("ferry.gateway")
@@ -32,6 +32,8 @@ class GatewaySettings:
     api_keys_file: str = setting("", "YAML/JSON list of API keys {name, sha256, requests_per_minute, "
                                  "tokens_per_minute} (`ferry admin api-key create`); re-read when it changes. "
                                  "Empty: no keys, the API is open; /health and /metrics always are")
+    rate_limit_redis_url: str = setting("", "count the API keys' rate limits in this Redis (redis://host:port/db), "
+                                        "shared by every gateway replica; empty: each replica counts alone")
     max_body_mb: float = setting(16.0, "largest request body accepted, in MiB (larger: 413 before it is read whole)")
 
     def __post_init__(self) -> None:
@@ -47,6 +49,9 @@ class GatewaySettings:
         if self.slo_ttft_ms <= 0 or self.slo_tpot_ms <= 0:
             raise ValueError(f"the SLO must be > 0 ms, got TTFT {self.slo_ttft_ms} and TPOT {self.slo_tpot_ms}: "
                              "set --slo-ttft-ms and --slo-tpot-ms")
+        if self.rate_limit_redis_url and not self.api_keys_file:
+            raise ValueError("--rate-limit-redis-url counts API keys' rate limits: it needs --api-keys-file")
+        check_redis_url("--rate-limit-redis-url", self.rate_limit_redis_url)
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
             raise ValueError(f"--api-keys-file {self.api_keys_file!r} is not a file "
                              "(`ferry admin api-key create NAME` prints an entry for it)")
@@ -90,9 +95,14 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
     gw = Gateway(tokenizer=tokenizer, sink=sink, sink_address=s.sink_advertise_address or f"{s.host}:{sink_port}",
                  scheduler=scheduler, channels=channel, metrics=metrics, token_timeout_s=s.token_timeout_s,
                  max_body_bytes=int(s.max_body_mb * 2**20))
+    buckets = None
     if keys is not None:
-        gw.access = Access(keys, metrics)
-        log.info("API keys required: %d keys in %s", len(keys.ring.keys), keys.path)
+        if s.rate_limit_redis_url:
+            from services.gateway.rate_limit_redis import RedisBuckets
+            buckets = RedisBuckets(s.rate_limit_redis_url, on_shared=metrics.rate_limit_shared.set)
+        gw.access = Access(keys, metrics, buckets=buckets)
+        log.info("API keys required: %d keys in %s; rate limits counted %s", len(keys.ring.keys), keys.path,
+                 "in Redis, across replicas" if buckets else "by this replica")
     refresher = asyncio.create_task(scheduler.keep_refreshed())
     config = uvicorn.Config(create_app(gw), host=s.host, port=s.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=3, lifespan="off")
@@ -109,6 +119,8 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
     refresher.cancel()
     await grpc_server.stop(grace=1)
     await scheduler.close()
+    if buckets is not None:
+        await buckets.close()
     for c in channels.values():
         await c.close()
 

@@ -82,6 +82,9 @@ class GatewayMetrics:
                                 "Requests refused by access control, by reason and API key name (key=\"\": "
                                 "no valid key)", ["reason", "key"], registry=r)
         self.rejected.labels("unauthenticated", "")
+        self.rate_limit_shared = Gauge("ferry_gateway_rate_limit_shared",
+                                       "1: rate limits are counted in Redis, across gateway replicas; 0: by this "
+                                       "replica alone (no --rate-limit-redis-url, or Redis unreachable)", registry=r)
 
     def observe_slo(self, ttft_s: float, tpot_s: float | None) -> None:
         """Judge one successfully finished request (`tpot_s` None: at most one output token)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from services.common.gpu_power import gpu_spec
 from services.common.grpc_util import aio_server, bind
 from services.common.lifecycle import run_service
-from services.common.settings import parse_settings, setting
+from services.common.settings import check_redis_url, parse_settings, setting
 from services.engine.sim_profile import SimProfile
 from services.gen.ferry.v1 import scheduler_pb2_grpc
 from services.scheduler.autoscaler import Autoscaler, Slo
@@ -37,7 +37,6 @@ from services.scheduler.server import SchedulerService
 from services.scheduler.telemetry import telemetry_source
 
 log = logging.getLogger("ferry.scheduler")
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 SHUTDOWN_GRACE_S = 2.0
 MIGRATION_POLICIES = ("drain", "priority", "defragmentation", "load_balance")
 
@@ -129,9 +128,7 @@ class SchedulerSettings:
         if self.instance_expiry_s < self.heartbeat_timeout_s:
             raise ValueError(f"--instance-expiry-s {self.instance_expiry_s} must be >= "
                              f"--heartbeat-timeout-s {self.heartbeat_timeout_s}")
-        if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
-            raise ValueError(f"--redis-url {self.redis_url!r} must start with one of {', '.join(REDIS_SCHEMES)}"
-                             " (or be empty for in-memory only)")
+        check_redis_url("--redis-url", self.redis_url)
         if self.redis_flush_interval_s <= 0:
             raise ValueError(f"--redis-flush-interval-s must be > 0, got {self.redis_flush_interval_s}")
         unknown = set(self.policy_names) - set(MIGRATION_POLICIES)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import urllib.request
@@ -16,7 +15,7 @@ import grpc
 import openai
 
 from services.gen.ferry.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.procs import eventually, free_port, start, stop, wait_for_port
+from tests.procs import eventually, free_port, start, start_redis, stop, wait_for_port
 
 MODEL = "SmolLM2-135M-Instruct"
 READY_TIMEOUT_S = 180.0
@@ -29,6 +28,7 @@ class Stack:
     folder: Path
     url: str = ""
     scheduler_address: str = ""
+    redis_url: str = ""                 # the scheduler's Redis
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)     # name -> port of its /metrics (Shape.metrics)
 
@@ -131,14 +131,9 @@ def start_stack(name: str, folder: Path, model: Path, colocated: bool = False, *
 
 
 def _launch(stack: Stack, model: Path, shape: Shape) -> None:
-    redis = shutil.which("redis-server") or "/usr/bin/redis-server"
     redis_port = free_port()
-    log = open(stack.log("redis"), "ab")  # noqa: SIM115 (the child owns it)
-    stack.procs["redis"] = subprocess.Popen(
-        [redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=stack.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    wait_for_port(redis_port, stack.procs["redis"], timeout=30)
+    stack.procs["redis"] = start_redis(redis_port, stack.folder, stack.log("redis"))
+    stack.redis_url = f"redis://127.0.0.1:{redis_port}/0"
 
     http_port = free_port()
     stack.url = f"http://127.0.0.1:{http_port}"
@@ -154,7 +149,7 @@ def _launch(stack: Stack, model: Path, shape: Shape) -> None:
     autoscale = (["--autoscale-interval-s", str(shape.autoscale_interval_s),
                   "--gateway-metrics-urls", f"{stack.url}/metrics"] if shape.autoscale_interval_s > 0 else [])
     stack.start_service("scheduler", ["serve", "scheduler", "--port", str(scheduler_port),
-                                      "--redis-url", f"redis://127.0.0.1:{redis_port}/0",
+                                      "--redis-url", stack.redis_url,
                                       "--heartbeat-interval-s", "0.2", *metrics("scheduler"), *autoscale,
                                       *shape.scheduler_args])
     kvstore_port = free_port()

@@ -1,7 +1,7 @@
 """API keys at a real gateway: a second gateway process with `--api-keys-file` in front of the disagg
 stack's scheduler and workers. 401 without a key, 200 through the `openai` client with one, 429 past
-the key's requests per minute, /health and /metrics open, and neither the key nor the prompt nor the
-generated text in the gateway's log (run at DEBUG)."""
+the key's requests per minute (counted in the stack's Redis, `--rate-limit-redis-url`), /health and
+/metrics open, and neither the key nor the prompt nor the generated text in the gateway's log (at DEBUG)."""
 from __future__ import annotations
 
 import json
@@ -50,7 +50,8 @@ def keyed_gateway(disagg_stack, smollm2_path, tmp_path_factory):
     port, log = free_port(), folder / "gateway.log"
     proc = start(["serve", "gateway", "--model", str(smollm2_path), "--port", str(port), "--sink-port",
                   str(free_port()), "--scheduler-address", disagg_stack.scheduler_address,
-                  "--api-keys-file", str(keys_file)], log=log, env={"FERRY_LOG_LEVEL": "DEBUG"})
+                  "--api-keys-file", str(keys_file), "--rate-limit-redis-url", disagg_stack.redis_url],
+                 log=log, env={"FERRY_LOG_LEVEL": "DEBUG"})
     try:
         wait_for_port(port, proc, timeout=60)
         url = f"http://127.0.0.1:{port}"
@@ -95,6 +96,7 @@ def test_keys_rate_limits_and_clean_logs(keyed_gateway):
     metrics = get(f"{gw.url}/metrics")[2].decode()
     assert 'ferry_gateway_requests_rejected_total{key="ci",reason="rate_limited"} 1.0' in metrics
     assert 'ferry_gateway_requests_rejected_total{key="",reason="unauthenticated"} 2.0' in metrics
+    assert "ferry_gateway_rate_limit_shared 1.0" in metrics  # counted in the stack's Redis
 
     log = gw.log.read_text(errors="replace")
     assert "API keys required" in log                       # the log was written, at DEBUG

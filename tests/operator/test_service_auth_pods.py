@@ -16,8 +16,12 @@ AUTH = {"serviceAuth": {"secretName": "ferry-service-token"}}
 KEYS = {"gateway": {"apiKeys": {"secretName": "gateway-keys", "secretKey": "keys.yaml"}}}
 
 
+def rendered(spec: dict) -> dict[tuple[str, str], dict]:
+    return {key_of(o): o for o in render(REF, parse_spec({"model": MODEL, **spec}), RenderOptions())}
+
+
 def pods(spec: dict) -> dict[str, dict]:
-    objects = {key_of(o): o for o in render(REF, parse_spec({"model": MODEL, **spec}), RenderOptions())}
+    objects = rendered(spec)
     return {c: objects[("Deployment", f"demo-{c}")]["spec"]["template"]["spec"] for c in COMPONENTS}
 
 
@@ -46,6 +50,17 @@ def test_the_gateway_alone_gets_the_api_keys_file():
         else:
             assert "--api-keys-file" not in c["command"] and volume(pod, "api-keys") is None
         assert volume(pod, "service-token") is None           # independent of serviceAuth
+
+
+def config(spec: dict) -> dict[str, str]:
+    return rendered(spec)[("ConfigMap", "demo-config")]["data"]
+
+
+def test_gateway_replicas_count_rate_limits_in_the_schedulers_redis():
+    redis = {"scheduler": {"redisURL": "redis://demo-redis.serving.svc:6379/0"}}
+    assert config({**KEYS, **redis})["FERRY_GATEWAY_RATE_LIMIT_REDIS_URL"] == "redis://demo-redis.serving.svc:6379/0"
+    assert "FERRY_GATEWAY_RATE_LIMIT_REDIS_URL" not in config(redis)        # no keys, no limits to count
+    assert "FERRY_GATEWAY_RATE_LIMIT_REDIS_URL" not in config(KEYS)         # no Redis: each replica alone
 
 
 def test_without_them_the_pods_are_what_they_were():

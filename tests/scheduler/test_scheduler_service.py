@@ -6,7 +6,6 @@ the persistence test uses a real redis-server.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,13 +18,12 @@ import pytest
 import redis
 
 from services.gen.ferry.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from tests.procs import ROOT, eventually, free_port, start, stop, wait_for_port
+from tests.procs import ROOT, eventually, free_port, start, start_redis, stop, wait_for_port
 
 pytestmark = pytest.mark.integration
 
 HEARTBEAT_TIMEOUT_S = 1.0
 KEYS = [bytes([i]) * 16 for i in range(4)]
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 def scheduler_args(port: int, *extra: str) -> list[str]:
@@ -222,22 +220,12 @@ def test_preemption_notice_drains_at_once_and_is_kept_until_the_instance_leaves(
 
 @pytest.fixture
 def redis_url(tmp_path) -> Iterator[str]:
-    if not os.path.exists(REDIS_SERVER):
-        pytest.skip("redis-server is not installed")
     port = free_port()
-    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--save", "", "--appendonly", "no",
-                             "--bind", "127.0.0.1", "--daemonize", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_redis(port, tmp_path)
     try:
-        wait_for_port(port, proc, timeout=30)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def test_restarted_scheduler_knows_the_instances_from_redis(redis_url, tmp_path):
