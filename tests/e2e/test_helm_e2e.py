@@ -1,21 +1,28 @@
 """End to end on Kubernetes: `helm install` the chart, the operator creates the workloads, the pods
 serve a real model, scale-down drains first, and a spot-termination taint drains that node's workers.
+The release runs locked down as production would: service auth on (the chart's token Secret, mounted
+into the operator and every pod) and API keys at the gateway (a Secret made first), with the keys' rate
+limits counted in the scheduler's Redis.
 
 Runs unchanged on the local control plane with the test kubelet (tests/kube) and on a kind cluster
 (`make e2e-kind`): everything goes through `kube_cluster`'s interface.
 """
 from __future__ import annotations
 
+import base64
 import json
 import re
 import tempfile
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
+from services.gateway.api_keys import hash_key, new_key
 from services.gen.ferry.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.procs import eventually
 
@@ -38,21 +45,33 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
+KEYS_SECRET = "ferry-api-keys"
+
+
 def cpu_values(cluster) -> dict:
-    """The real SmolLM2 on CPU, small KV pools, one prefill and two decode workers."""
+    """The real SmolLM2 on CPU, small KV pools, one prefill and two decode workers; service auth and API
+    keys on."""
     small = {"resources": {"requests": {"cpu": "100m", "memory": "256Mi"}}}
     worker = {**small, "kvCacheMemoryGiB": 0.25, "maxNumSeqs": 16}
-    return merge(cluster.helm_values(), {"cluster": {
-        "model": {"name": MODEL, "path": str(ROOT / "models" / MODEL), "engine": "llm", "device": "cpu",
-                  "dtype": "float32"},
-        "gateway": small, "kvstore": {**small, "capacityGiB": 0.25}, "scheduler": small,
-        "pools": {"prefill": {**worker, "replicas": 1}, "decode": {**worker, "replicas": 2}},
-        "drain": {"timeoutSeconds": 120}}})
+    return merge(cluster.helm_values(), {
+        "serviceAuth": {"enabled": True}, "gateway": {"apiKeys": {"existingSecret": KEYS_SECRET}},
+        "cluster": {
+            "model": {"name": MODEL, "path": str(ROOT / "models" / MODEL), "engine": "llm", "device": "cpu",
+                      "dtype": "float32"},
+            "gateway": small, "kvstore": {**small, "capacityGiB": 0.25}, "scheduler": small,
+            "pools": {"prefill": {**worker, "replicas": 1}, "decode": {**worker, "replicas": 2}},
+            "drain": {"timeoutSeconds": 120}}})
 
 
 class Release:
-    def __init__(self, cluster, namespace: str):
-        self.cluster, self.namespace = cluster, namespace
+    def __init__(self, cluster, namespace: str, api_key: str):
+        self.cluster, self.namespace, self.api_key = cluster, namespace, api_key
+
+    @property
+    def service_token(self) -> str:
+        """The token the chart made for the release's gRPC calls (Secret <release>-service-token)."""
+        data = self.get("secret", f"{RELEASE}-service-token")["data"]
+        return base64.b64decode(data["token"]).decode()
 
     def get(self, kind: str, name: str) -> dict:
         return json.loads(self.cluster.kubectl("get", kind, name, "-n", self.namespace, "-o", "json").stdout)
@@ -79,11 +98,14 @@ class Release:
 @pytest.fixture(scope="module")
 def release(kube_cluster):
     ns = kube_cluster.create_namespace("ferry-e2e")
+    api_key = new_key()
+    keys = yaml.safe_dump([{"name": "e2e", "sha256": hash_key(api_key), "requests_per_minute": 10_000}])
+    kube_cluster.kubectl("create", "secret", "generic", KEYS_SECRET, "-n", ns, f"--from-literal=api-keys.yaml={keys}")
     with tempfile.NamedTemporaryFile("w", suffix=".json") as values:
         json.dump(cpu_values(kube_cluster), values)
         values.flush()
         kube_cluster.helm("install", RELEASE, str(CHART), "-n", ns, "-f", values.name, "--wait=false")
-    rel = Release(kube_cluster, ns)
+    rel = Release(kube_cluster, ns, api_key)
     ok = eventually(lambda: rel.ready_replicas("gateway") >= 1 and rel.ready_replicas("decode") == 2
                     and rel.ready_replicas("prefill") == 1, timeout=300, interval=1)
     assert ok, rel.describe()
@@ -91,10 +113,10 @@ def release(kube_cluster):
     kube_cluster.helm("uninstall", RELEASE, "-n", ns, check=False)
 
 
-def openai_client(base: str):
+def openai_client(base: str, api_key: str):
     import openai
 
-    return openai.OpenAI(base_url=f"http://{base}/v1", api_key="none", timeout=180, max_retries=0)
+    return openai.OpenAI(base_url=f"http://{base}/v1", api_key=api_key, timeout=180, max_retries=0)
 
 
 def scheduler_series(rel: Release, name: str, labels: str = "") -> list[str]:
@@ -112,14 +134,15 @@ def scheduler_metric(rel: Release, name: str, labels: str = "") -> float:
 def scheduler_instances(rel: Release) -> dict[str, scheduler_pb2.InstanceStatus]:
     with rel.cluster.service_address(rel.namespace, f"{RELEASE}-scheduler", 50050) as addr, \
             grpc.insecure_channel(addr) as channel:
-        reply = scheduler_pb2_grpc.SchedulerStub(channel).ListInstances(scheduler_pb2.ListInstancesRequest(),
-                                                                        timeout=10)
+        reply = scheduler_pb2_grpc.SchedulerStub(channel).ListInstances(
+            scheduler_pb2.ListInstancesRequest(), timeout=10,
+            metadata=(("authorization", f"Bearer {rel.service_token}"),))
     return {s.instance.instance_id: s for s in reply.instances}
 
 
 def test_e2e_helm_install_serves_a_chat_completion(release):
     with release.cluster.service_address(release.namespace, f"{RELEASE}-gateway", 8000) as gateway:
-        reply = openai_client(gateway).chat.completions.create(
+        reply = openai_client(gateway, release.api_key).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
             max_tokens=24, temperature=0)
     text = reply.choices[0].message.content
@@ -130,10 +153,27 @@ def test_e2e_helm_install_serves_a_chat_completion(release):
     assert ready.get("Ready") == "True", ic["status"]
 
 
-def stream_completion(gateway: str, results: list, index: int, started: threading.Event) -> None:
+def test_e2e_outsiders_get_nothing_without_the_service_token_or_an_api_key(release):
+    """gRPC without the chart's token is refused before any servicer runs; HTTP without a key gets 401.
+    With them everything works: the pods' own calls to each other carry the token."""
+    with release.cluster.service_address(release.namespace, f"{RELEASE}-scheduler", 50050) as addr, \
+            grpc.insecure_channel(addr) as channel, pytest.raises(grpc.RpcError) as refused:
+        scheduler_pb2_grpc.SchedulerStub(channel).ListInstances(scheduler_pb2.ListInstancesRequest(), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(scheduler_instances(release)) == 3                   # with the token: prefill + 2 decode
+    with release.cluster.service_address(release.namespace, f"{RELEASE}-gateway", 8000) as gateway:
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(f"http://{gateway}/v1/models", timeout=10)
+        reply = openai_client(gateway, release.api_key).completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+        metrics = urllib.request.urlopen(f"http://{gateway}/metrics", timeout=10).read().decode()
+    assert anonymous.value.code == 401 and reply.usage.completion_tokens == 2
+    assert "ferry_gateway_rate_limit_shared 1.0" in metrics           # the key counted in the scheduler's Redis
+
+
+def stream_completion(gateway: str, api_key: str, results: list, index: int, started: threading.Event) -> None:
     try:
         parts, finish = [], None
-        for chunk in openai_client(gateway).completions.create(
+        for chunk in openai_client(gateway, api_key).completions.create(
                 model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=True,
                 extra_body={"ignore_eos": True}):
             parts.append(chunk.choices[0].text)
@@ -154,7 +194,7 @@ def test_e2e_scale_down_drains_first_and_streams_complete(release):
     with cluster.service_address(ns, f"{RELEASE}-gateway", 8000) as gateway:
         results: list = [None] * 4
         started = [threading.Event() for _ in results]
-        threads = [threading.Thread(target=stream_completion, args=(gateway, results, i, started[i]))
+        threads = [threading.Thread(target=stream_completion, args=(gateway, release.api_key, results, i, started[i]))
                    for i in range(len(results))]
         for t in threads:
             t.start()
@@ -171,7 +211,7 @@ def test_e2e_scale_down_drains_first_and_streams_complete(release):
         assert all(finish == "length" for _, finish in results), results
         # greedy: the same prompt on the one worker left gives the same text as the migrated streams
         again: list = [None]
-        stream_completion(gateway, again, 0, threading.Event())
+        stream_completion(gateway, release.api_key, again, 0, threading.Event())
     assert all(text == again[0][0] for text, _ in results), (results, again)
     assert eventually(lambda: len(release.pods("decode")) == 1, timeout=180, interval=1), release.describe()
     assert release.get("deployment", f"{RELEASE}-decode")["spec"]["replicas"] == 1

@@ -203,8 +203,16 @@ class TestKubelet:
                 "HOSTNAME": facts.name}
         env = pod_spec.container_env(c, facts, lambda kind, name, key: self._lookup(facts.namespace, kind, name, key),
                                      base)
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
         for m in c.get("volumeMounts") or []:
-            (pod_dir / "volumes" / m["name"]).mkdir(parents=True, exist_ok=True)
+            folder = pod_dir / "volumes" / m["name"]
+            folder.mkdir(parents=True, exist_ok=True)
+            files = pod_spec.volume_files(volumes.get(m["name"], {"name": m["name"]}),
+                                          lambda kind, name, key: self._lookup(facts.namespace, kind, name, key))
+            for path, (content, mode) in (files or {}).items():
+                (folder / path).parent.mkdir(parents=True, exist_ok=True)
+                (folder / path).write_text(content)
+                (folder / path).chmod(mode)
         script = pod_spec.mount_script(pod, c, self.hosts_file, sa_dir, pod_dir / "volumes")
         argv = pod_spec.wrap(script, Path(c.get("workingDir") or image.cwd), pod_spec.command_line(c, image, env))
         readiness = c.get("readinessProbe")

@@ -9,7 +9,8 @@ A container runs as a local process; its "image" is mapped to a local install:
 The process starts inside its own mount namespace (`unshare --mount`), where the test kubelet does
 what a kubelet does for a container's files: /etc/hosts resolves the cluster's Services (DNS stand-in),
 the service-account token, CA and namespace appear at /var/run/secrets/kubernetes.io/serviceaccount
-(a tmpfs over /run), emptyDir volumes are fresh directories, hostPath volumes are bind mounts. What it
+(a tmpfs over /run), emptyDir volumes are fresh directories, secret and configMap volumes are their
+files (items, modes; read-only when mounted so), hostPath volumes are bind mounts. What it
 does not emulate: a network namespace (pods share loopback; each gets its own 127.1.x.y pod IP, so
 services must listen on $(POD_IP)), users (runAsUser is not applied), a read-only root filesystem,
 resource limits, liveness restarts and init containers.
@@ -119,25 +120,73 @@ def command_line(container: dict, image: LocalImage, env: dict[str, str]) -> lis
     return [expand(c, env) for c in [*command, *args]]
 
 
+def volume_files(volume: dict, lookup) -> dict[str, tuple[str, int]] | None:
+    """A secret or configMap volume's files, path -> (content, mode), as a kubelet projects them (`items`,
+    `defaultMode`, `optional`); None for a volume of another kind. `lookup` as in `container_env`."""
+    for kind, name_field in (("secret", "secretName"), ("configMap", "name")):
+        source = volume.get(kind)
+        if source is None:
+            continue
+        name, optional = source[name_field], bool(source.get("optional"))
+        data = lookup(kind, name, None)
+        if data is None:
+            if optional:
+                return {}
+            raise LookupError(f"{kind} {name!r} of volume {volume['name']!r} not found")
+        items = source.get("items") or [{"key": key, "path": key} for key in data]
+        files = {}
+        for item in items:
+            if item["key"] in data:
+                files[item["path"]] = (data[item["key"]], item.get("mode", source.get("defaultMode", 0o644)))
+            elif not optional:
+                raise LookupError(f"{kind} {name!r} has no key {item['key']!r} (volume {volume['name']!r})")
+        return files
+    return None
+
+
 def mount_script(pod: dict, container: dict, hosts_file: Path, sa_dir: Path | None, scratch: Path) -> str:
-    """The shell lines run inside the new mount namespace before `exec`ing the container's command."""
-    lines = ["set -e", f"mount --bind {shlex.quote(str(hosts_file))} /etc/hosts"]
-    if sa_dir is not None:
-        lines += ["mount -t tmpfs -o size=4m tmpfs /run", f"mkdir -p {SA_DIR}",
-                  f"cp {shlex.quote(str(sa_dir))}/* {SA_DIR}/"]
+    """The shell lines run inside the new mount namespace before `exec`ing the container's command.
+    A mount path missing on this machine (/etc/ferry/…) is made under an overlay of its top directory,
+    private to the namespace, so nothing is written to the machine's own /etc."""
     volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+    lines, binds = ["set -e"], []
     for m in container.get("volumeMounts") or []:
         vol, target = volumes.get(m["name"], {}), m["mountPath"]
         if "hostPath" in vol:
             source = vol["hostPath"]["path"]
-        elif "emptyDir" in vol:
+        elif any(kind in vol for kind in ("emptyDir", "secret", "configMap")):
             source = str(scratch / m["name"])
         else:
-            continue   # configMap/secret/projected volumes: not emulated (Ferry's pods use env)
+            continue   # projected/downwardAPI/… volumes: not emulated
         if Path(target) == Path(source) or ROOT.is_relative_to(target):
             continue   # already there, or it would hide the checkout the process runs from
-        lines.append(f"[ -d {shlex.quote(target)} ] && mount --bind {shlex.quote(source)} {shlex.quote(target)} "
-                     f"|| echo 'test kubelet: mount point {target} does not exist here; not mounted' >&2")
+        binds.append((source, target, bool(m.get("readOnly"))))
+    def top(target: str) -> str:
+        """The top directory to overlay so `target` can be made in it ("" when there is none)."""
+        parts = Path(target).parts
+        folder = Path("/", parts[1]) if len(parts) > 2 else None
+        return str(folder) if folder and folder.is_dir() and not folder.is_symlink() else ""
+
+    overlaid = sorted({top(t) for _, t, _ in binds if not Path(t).exists() and top(t)})
+    for folder in overlaid:
+        upper, work = (shlex.quote(str(scratch / ".overlay" / folder.strip("/") / d)) for d in ("upper", "work"))
+        lines += [f"mkdir -p {upper} {work}",
+                  f"mount -t overlay overlay -o lowerdir={folder},upperdir={upper},workdir={work} {folder}"]
+    lines.append(f"mount --bind {shlex.quote(str(hosts_file))} /etc/hosts")
+    if sa_dir is not None:
+        lines += ["mount -t tmpfs -o size=4m tmpfs /run", f"mkdir -p {SA_DIR}",
+                  f"cp {shlex.quote(str(sa_dir))}/* {SA_DIR}/"]
+    # a mount over a folder that holds other mounts' sources (an emptyDir on /tmp) comes after them
+    sources = [Path(source) for source, _, _ in binds]
+    binds.sort(key=lambda b: any(source.is_relative_to(b[1]) for source in sources))
+    for source, target, read_only in binds:
+        t = shlex.quote(target)
+        if not Path(target).is_dir() and top(target) not in overlaid:
+            lines.append(f"echo 'test kubelet: mount point {target} does not exist here; not mounted' >&2")
+            continue
+        lines += [f"mkdir -p {t}", f"mount --bind {shlex.quote(source)} {t}"]
+        if read_only:
+            lines.append(f"mount -o remount,bind,ro {t}")
     return "\n".join(lines)
 
 
