@@ -8,6 +8,7 @@
     ferry sim --trace ../shared/data/traces/azure_llm_2023_conv.csv --config llama3-8b-h100-disagg
     ferry admin instances | drain INSTANCE | preempt INSTANCE --in 30
     ferry admin api-key create NAME [--rpm N] [--tpm N]
+    ferry admin tls create DIR [--days N]
 
 Each subcommand imports its service only when it runs, so ``ferry --help`` stays fast and a
 subcommand's heavy dependencies (torch, transformers) load only when needed. Everything after the
@@ -74,11 +75,16 @@ def _sim(argv: list[str]) -> int:
 
 def _admin(argv: list[str]) -> int:
     """Operate a running scheduler (``services.scheduler.admin``); ``api-key`` creates a gateway API key
-    (``services.gateway.api_keys``, no scheduler involved)."""
+    (``services.gateway.api_keys``) and ``tls`` certificates for mutual TLS (``services.common.service_tls``),
+    no scheduler involved."""
     if argv[:1] == ["api-key"]:
         from services.gateway.api_keys import main as api_key_main
 
         return int(api_key_main(argv[1:]) or 0)
+    if argv[:1] == ["tls"]:
+        from services.common.service_tls import main as tls_main
+
+        return int(tls_main(argv[1:]) or 0)
     from services.scheduler.admin import main as admin_main
 
     return int(admin_main(argv) or 0)
@@ -91,7 +97,7 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
     "bench": (_bench, "benchmark an OpenAI-compatible endpoint (ferry bench --help)"),
     "profile": (_profile, "measure the engine and write its sim profile YAML (ferry profile --help)"),
     "sim": (_sim, "simulate a cluster over a trace with the live policies (ferry sim --help)"),
-    "admin": (_admin, "operate a running scheduler: instances, drain, preempt (ferry admin --help); api-key create"),
+    "admin": (_admin, "operate a running scheduler: instances, drain, preempt (ferry admin --help); api-key create; tls create"),
 }
 
 

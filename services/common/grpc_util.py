@@ -4,16 +4,17 @@ KV blocks travel in messages up to 4 MiB (plus framing), so both ends raise the 
 message limit. The HTTP/2 settings are the ones measured to matter on loopback (ENVIRONMENT.md):
 without BDP probing and with large frames and windows, grpc.aio streams ~2x faster.
 
-Every channel and server of Ferry is made here, so service-to-service authentication
-(services/common/service_auth.py: a shared bearer token, on when FERRY_SERVICE_TOKEN_FILE names a
-file) is wired in one place: servers check the token, channels send it. Without the variable nothing
-changes (no interceptor at all).
+Every channel and server of Ferry is made here, so service-to-service authentication is wired in one
+place: a shared bearer token (services/common/service_auth.py, on when FERRY_SERVICE_TOKEN_FILE names
+a file: servers check it, channels send it) and mutual TLS (services/common/service_tls.py, on when
+FERRY_TLS_DIR names a folder: servers and channels both present certificates of one CA). Without the
+variables nothing changes (plaintext, no interceptor at all).
 """
 from __future__ import annotations
 
 import grpc
 
-from services.common import service_auth
+from services.common import service_auth, service_tls
 from services.common.grpc_guard import RequestGuard
 
 MAX_MESSAGE_BYTES = 64 * 2**20
@@ -34,12 +35,18 @@ OPTIONS: list[tuple[str, int]] = [
 def aio_channel(address: str) -> grpc.aio.Channel:
     token = service_auth.configured_token()
     interceptors = service_auth.client_interceptors(token) if token else None
-    return grpc.aio.insecure_channel(address, options=OPTIONS, interceptors=interceptors)
+    tls = service_tls.configured()
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=OPTIONS, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, service_tls.channel_credentials(tls),
+                                   options=OPTIONS + service_tls.CHANNEL_OPTIONS, interceptors=interceptors)
 
 
 def channel(address: str) -> grpc.Channel:
-    """A blocking channel (CLI tools, platform launchers), with the service token when one is configured."""
-    plain = grpc.insecure_channel(address, options=OPTIONS)
+    """A blocking channel (CLI tools, platform launchers), with the service token and TLS when configured."""
+    tls = service_tls.configured()
+    plain = grpc.insecure_channel(address, options=OPTIONS) if tls is None else grpc.secure_channel(
+        address, service_tls.channel_credentials(tls), options=OPTIONS + service_tls.CHANNEL_OPTIONS)
     token = service_auth.configured_token()
     return grpc.intercept_channel(plain, service_auth.SyncTokenClientInterceptor(token)) if token else plain
 
@@ -53,7 +60,10 @@ def aio_server() -> grpc.aio.Server:
 
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     """Bind host:port (port 0 = any free port); returns the bound port or raises with the address."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+    tls = service_tls.configured()
+    address = f"{host}:{port}"
+    bound = server.add_insecure_port(address) if tls is None else \
+        server.add_secure_port(address, service_tls.server_credentials(tls))
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (in use?)")
     return bound

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from services.common import service_auth
+from services.common import service_auth, service_tls
 
 T = TypeVar("T")
 ENV_PREFIX = "FERRY_"
@@ -77,6 +77,9 @@ def parse_settings(cls: type[T], argv: list[str] | None, *, prog: str, descripti
     parser.add_argument("--service-token-file", type=Path, default=None, metavar="PATH",
                         help="file holding the token every gRPC call between Ferry services must carry "
                         f"(off when unset; services/common/service_auth.py) [env {service_auth.TOKEN_FILE_ENV}]")
+    parser.add_argument("--tls-dir", type=Path, default=None, metavar="DIR",
+                        help="folder of ca.crt, tls.crt, tls.key: mutual TLS on every gRPC call between Ferry "
+                        f"services (off when unset; services/common/service_tls.py) [env {service_tls.TLS_DIR_ENV}]")
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
@@ -88,7 +91,7 @@ def parse_settings(cls: type[T], argv: list[str] | None, *, prog: str, descripti
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
                                 help=help_text + f" (default: {f.default})")
     args = parser.parse_args(argv)
-    _configure_service_auth(args.service_token_file, prog)
+    _configure_service_auth(args.service_token_file, args.tls_dir, prog)
     values: dict[str, Any] = {}
     if args.config is not None:
         values.update(_read_yaml(args.config, cls))
@@ -106,14 +109,19 @@ def parse_settings(cls: type[T], argv: list[str] | None, *, prog: str, descripti
         raise SystemExit(f"{prog}: {e}") from None
 
 
-def _configure_service_auth(token_file: Path | None, prog: str) -> None:
-    """--service-token-file sets FERRY_SERVICE_TOKEN_FILE (so the processes this one starts inherit it);
-    either way a configured file that cannot be used stops the service now, not at its first call."""
+def _configure_service_auth(token_file: Path | None, tls_dir: Path | None, prog: str) -> None:
+    """--service-token-file and --tls-dir set FERRY_SERVICE_TOKEN_FILE and FERRY_TLS_DIR (so the processes
+    this one starts inherit them); either way a configured file that cannot be used stops the service now,
+    not at its first call."""
     try:
         if token_file is not None:
             service_auth.use_token_file(token_file)
         else:
             service_auth.configured_token()
+        if tls_dir is not None:
+            service_tls.use_folder(tls_dir)
+        else:
+            service_tls.configured()
     except ValueError as e:
         raise SystemExit(f"{prog}: {e}") from None
 

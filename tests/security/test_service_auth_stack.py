@@ -28,15 +28,38 @@ TOKEN = "integration-token-0123456789abcdef"
 
 
 class Cluster:
-    def __init__(self, folder, model) -> None:
-        self.folder, self.model, self.procs = folder, model, {}
-        self.token_file = folder / "service-token"
-        self.token_file.write_text(TOKEN + "\n")
-        self.token_file.chmod(0o600)
+    """A scheduler, a kvstore, a sim worker and a gateway on loopback, every process given `env` (what turns
+    service authentication on); `start` takes another env for a process of its own."""
+    def __init__(self, folder, model, env: dict[str, str]) -> None:
+        self.folder, self.model, self.env, self.procs = folder, model, env, {}
 
-    def start(self, name: str, args: list[str], token_file: str | None = None) -> None:
-        env = {service_auth.TOKEN_FILE_ENV: str(self.token_file) if token_file is None else token_file}
-        self.procs[name] = start(args, log=self.folder / f"{name}.log", env=env)
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.procs[name] = start(args, log=self.folder / f"{name}.log", env=self.env if env is None else env)
+
+    def launch(self, ready) -> Cluster:
+        """Start all four; `ready()` says when the worker has registered (asked in the way that works)."""
+        scheduler_port, worker_port, http_port, kvstore_port = free_port(), free_port(), free_port(), free_port()
+        self.scheduler, self.worker = f"127.0.0.1:{scheduler_port}", f"127.0.0.1:{worker_port}"
+        self.kvstore, self.url = f"127.0.0.1:{kvstore_port}", f"http://127.0.0.1:{http_port}"
+        self.start("scheduler", ["serve", "scheduler", "--port", str(scheduler_port), "--heartbeat-interval-s", "0.2"])
+        self.start("kvstore", ["serve", "kvstore", "--port", str(kvstore_port), "--capacity-gb", "0.1"])
+        wait_for_port(scheduler_port, self.procs["scheduler"], timeout=60)
+        wait_for_port(kvstore_port, self.procs["kvstore"], timeout=60)
+        self.start("worker", self.worker_args(worker_port))
+        wait_for_port(worker_port, self.procs["worker"], timeout=120)
+        self.start("gateway", ["serve", "gateway", "--model", str(self.model), "--port", str(http_port),
+                               "--sink-port", str(free_port()), "--scheduler-address", self.scheduler])
+        wait_for_port(http_port, self.procs["gateway"], timeout=60)
+        assert eventually(ready, timeout=60, interval=0.2), self.tails()
+        return self
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop(proc)
+
+    def completion(self) -> openai.types.Completion:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", timeout=60, max_retries=0) \
+            .completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0)
 
     def worker_args(self, port: int) -> list[str]:
         return ["serve", "decode", "--role", "both", "--engine", "sim", "--sim-profile", "llama3-8b-h100",
@@ -72,34 +95,19 @@ def worker_stats(address: str, token: str | None = TOKEN) -> worker_pb2.WorkerSt
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, smollm2_path):
-    c = Cluster(tmp_path_factory.mktemp("service-auth"), smollm2_path)
+    folder = tmp_path_factory.mktemp("service-auth")
+    token_file = folder / "service-token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    c = Cluster(folder, smollm2_path, {service_auth.TOKEN_FILE_ENV: str(token_file)})
     try:
-        scheduler_port, worker_port, http_port = free_port(), free_port(), free_port()
-        c.scheduler = f"127.0.0.1:{scheduler_port}"
-        c.worker = f"127.0.0.1:{worker_port}"
-        c.url = f"http://127.0.0.1:{http_port}"
-        kvstore_port = free_port()
-        c.kvstore = f"127.0.0.1:{kvstore_port}"
-        c.start("scheduler", ["serve", "scheduler", "--port", str(scheduler_port), "--heartbeat-interval-s", "0.2"])
-        c.start("kvstore", ["serve", "kvstore", "--port", str(kvstore_port), "--capacity-gb", "0.1"])
-        wait_for_port(scheduler_port, c.procs["scheduler"], timeout=60)
-        wait_for_port(kvstore_port, c.procs["kvstore"], timeout=60)
-        c.start("worker", c.worker_args(worker_port))
-        wait_for_port(worker_port, c.procs["worker"], timeout=120)
-        c.start("gateway", ["serve", "gateway", "--model", str(smollm2_path), "--port", str(http_port),
-                            "--sink-port", str(free_port()), "--scheduler-address", c.scheduler])
-        wait_for_port(http_port, c.procs["gateway"], timeout=60)
-        assert eventually(lambda: any(s.healthy for s in instances(c.scheduler)), timeout=60, interval=0.2), \
-            c.tails()
-        yield c
+        yield c.launch(lambda: any(s.healthy for s in instances(c.scheduler)))
     finally:
-        for proc in c.procs.values():
-            stop(proc)
+        c.stop()
 
 
 def test_with_the_token_everywhere_a_request_is_served(cluster):
-    reply = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="x", timeout=60, max_retries=0) \
-        .completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0)
+    reply = cluster.completion()
     assert reply.usage.completion_tokens == 8, cluster.tails()
     [status] = [s for s in instances(cluster.scheduler) if s.healthy]
     assert status.instance.address == cluster.worker
@@ -130,7 +138,7 @@ def test_the_worker_refuses_a_client_without_the_token(cluster, token):
 
 def test_a_worker_without_the_token_cannot_register(cluster):
     port = free_port()
-    cluster.start("rogue", cluster.worker_args(port), token_file="")
+    cluster.start("rogue", cluster.worker_args(port), env={service_auth.TOKEN_FILE_ENV: ""})
     try:
         wait_for_port(port, cluster.procs["rogue"], timeout=120)
         deadline = time.monotonic() + 3
