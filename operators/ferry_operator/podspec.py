@@ -5,7 +5,8 @@ the shared ones from the cluster's ConfigMap (envFrom), the per-pod ones (listen
 id, advertised addresses, which reference the downward-API POD_IP/POD_NAME) and the per-pool ones in
 `env`. Pods run as uid 10001 on a read-only root filesystem with an emptyDir at /tmp. With
 spec.serviceAuth the service token Secret is mounted read-only in every pod (FERRY_SERVICE_TOKEN_FILE);
-with spec.gateway.apiKeys the API keys Secret in the gateway's (--api-keys-file).
+with spec.serviceTLS its CA and certificate likewise (FERRY_TLS_DIR: mutual TLS); with spec.gateway.apiKeys
+the API keys Secret in the gateway's (--api-keys-file).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from operators.ferry_operator.names import (
     ClusterRef,
 )
 from operators.ferry_operator.spec import ClusterSpec, PoolSpec, SecretFileSpec
+from services.common import service_tls
 
 UID = 10001
 DOWNWARD_ENV = (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"),
@@ -39,6 +41,7 @@ CONTAINER_SECURITY = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "
 # var, services/common/service_auth.py); the API keys file only to the gateway (its --api-keys-file).
 SERVICE_TOKEN_DIR, SERVICE_TOKEN_FILE = "/etc/ferry/service-token", "token"
 API_KEYS_DIR, API_KEYS_FILE = "/etc/ferry/api-keys", "api-keys.yaml"
+SERVICE_TLS_DIR = "/etc/ferry/tls"                                  # holds service_tls.FILES
 SECRET_FILE_MODE = 0o440            # owner and fsGroup read; nobody writes
 SETTINGS_PREFIX = {"scheduler": "FERRY_SCHEDULER_", "kvstore": "FERRY_KVSTORE_", "gateway": "FERRY_GATEWAY_",
                    "prefill": "FERRY_WORKER_", "decode": "FERRY_WORKER_"}
@@ -109,6 +112,9 @@ def container(ref: ClusterRef, spec: ClusterSpec, component: str, image: str, bi
     if spec.service_auth.is_enabled:
         env.append(_value("FERRY_SERVICE_TOKEN_FILE", f"{SERVICE_TOKEN_DIR}/{SERVICE_TOKEN_FILE}"))
         mounts.append({"name": "service-token", "mountPath": SERVICE_TOKEN_DIR, "readOnly": True})
+    if spec.service_tls_secret:
+        env.append(_value("FERRY_TLS_DIR", SERVICE_TLS_DIR))
+        mounts.append({"name": "service-tls", "mountPath": SERVICE_TLS_DIR, "readOnly": True})
     if component == "gateway" and spec.gateway.api_keys.is_enabled:
         command += ["--api-keys-file", f"{API_KEYS_DIR}/{API_KEYS_FILE}"]
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
@@ -130,6 +136,10 @@ def pod_spec(ref: ClusterRef, spec: ClusterSpec, component: str, image: str, bin
         volumes.append({"name": "model", **spec.model.volume})
     if spec.service_auth.is_enabled:
         volumes.append(_secret_volume("service-token", spec.service_auth, SERVICE_TOKEN_FILE))
+    if spec.service_tls_secret:
+        volumes.append({"name": "service-tls", "secret": {
+            "secretName": spec.service_tls_secret, "defaultMode": SECRET_FILE_MODE,
+            "items": [{"key": name, "path": name} for name in service_tls.FILES]}})
     if component == "gateway" and spec.gateway.api_keys.is_enabled:
         volumes.append(_secret_volume("api-keys", spec.gateway.api_keys, API_KEYS_FILE))
     out: dict[str, Any] = {

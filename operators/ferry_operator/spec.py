@@ -124,6 +124,7 @@ class ClusterSpec:
     drain_timeout_s: int = 300
     power_budget_watts: float = 0.0
     service_auth: SecretFileSpec = SecretFileSpec(secret_key="token")     # the shared gRPC token (off: no secret)
+    service_tls_secret: str = ""      # a Secret of ca.crt, tls.crt, tls.key: mutual TLS between pods ("": off)
 
     def pool(self, name: str) -> PoolSpec:
         if name not in POOLS:
@@ -296,4 +297,5 @@ def _cluster(f: _Fields, gateway: _Fields, kvstore: _Fields, pools: _Fields) -> 
         prefill=_pool(pools.obj("prefill")), decode=_pool(pools.obj("decode")),
         drain_timeout_s=f.obj("drain").number("timeoutSeconds", 300, low=1, integer=True),
         power_budget_watts=f.obj("power").number("budgetWatts", 0.0, low=0) or 0.0,
-        service_auth=_secret_file(f.obj("serviceAuth"), "token"))
+        service_auth=_secret_file(f.obj("serviceAuth"), "token"),
+        service_tls_secret=_secret_file(f.obj("serviceTLS"), "tls.crt").secret_name)

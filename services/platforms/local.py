@@ -22,7 +22,6 @@ import argparse
 import ctypes
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import grpc
 
-from services.common import service_auth
+from services.platforms import stack_auth
 from services.platforms.local_scaler import LocalScaler
 from services.platforms.stack_args import (
     SCHEDULER_OWNED,
@@ -119,11 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "autoscaling)")
     p.add_argument("--log-dir", type=Path, default=None, help="process logs (default: a temporary folder; --platform ray: on each node, by default inside "
                         "the local Ray instance's temp dir, or /tmp/ferry-logs on a cluster)")
-    p.add_argument("--service-auth", action="store_true",
-                   help="every gRPC call between the stack's processes carries a token generated for this stack "
-                        "(LOG_DIR/service-token, mode 0600; docs/serving.md#service-authentication)")
-    p.add_argument("--service-token-file", type=Path, default=None, metavar="PATH",
-                   help="like --service-auth, with the token in PATH (also: env FERRY_SERVICE_TOKEN_FILE)")
+    stack_auth.add_arguments(p)
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for the stack")
     return p
 
@@ -269,12 +264,6 @@ def wait_models(url: str, stack: Stack, timeout: float) -> None:
     raise StartupError("gateway", f"lists no model after {timeout:.0f} s", stack.log_dir / "gateway.log")
 
 
-def admin_env() -> str:
-    """The env prefix a `ferry admin` command needs against this stack (with service authentication on)."""
-    path = os.environ.get(service_auth.TOKEN_FILE_ENV, "")
-    return f"{service_auth.TOKEN_FILE_ENV}={path} " if path else ""
-
-
 def check_args(args: argparse.Namespace) -> str:
     """What is wrong with the command line, before anything starts ("" when nothing)."""
     ray = args.platform == "ray"
@@ -307,27 +296,6 @@ def check_args(args: argparse.Namespace) -> str:
     return ""
 
 
-def configure_service_auth(args: argparse.Namespace, log_dir: Path | None) -> Path | None:
-    """Service authentication for the whole stack: the children (and this process's own gRPC calls)
-    read FERRY_SERVICE_TOKEN_FILE, set here from --service-token-file or a token made for --service-auth.
-    Returns the temporary folder made for that token (no log dir to hold it), for the caller to remove."""
-    made = None
-    if args.service_token_file is not None:
-        service_auth.use_token_file(args.service_token_file)
-    elif args.service_auth:
-        folder = log_dir or (made := Path(tempfile.mkdtemp(prefix="ferry-up-")))
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "service-token"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)                    # also when the file was there with a looser mode
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-        service_auth.use_token_file(path)
-    else:
-        service_auth.configured_token()         # an env var naming a bad file stops here
-    return made
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if problem := check_args(args):
@@ -336,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     local = args.platform == "local"
     log_dir = (args.log_dir or Path(tempfile.mkdtemp(prefix="ferry-up-"))) if local else args.log_dir
     try:
-        token_dir = configure_service_auth(args, log_dir)
+        secrets_dir = stack_auth.configure(args, log_dir)
     except ValueError as e:
         print(f"ferry up: {e}", file=sys.stderr)
         return 2
@@ -345,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run(args)
         finally:
-            if token_dir is not None:
-                shutil.rmtree(token_dir, ignore_errors=True)
+            if secrets_dir is not None:
+                shutil.rmtree(secrets_dir, ignore_errors=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ferry up: %(message)s", stream=sys.stderr)
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(args.host, log_dir)
@@ -366,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"What is the capital of France?\"}}], \"max_tokens\": 32}}'\n\n"
-              f"  {admin_env()}ferry admin --scheduler {launched.scheduler_address} instances\n\n"
+              f"  {stack_auth.admin_env()}ferry admin --scheduler {launched.scheduler_address} instances\n\n"
               "Press Ctrl-C to stop.", flush=True)
         scaler = LocalScaler(stack, launched.launcher, launched.scheduler_address, launched.workers) \
             if args.autoscale else None

@@ -57,8 +57,9 @@ def start(address: str = "") -> RayCluster:
     if "ray" in sys.modules:
         raise RuntimeError("ray was imported before its settings were made (services/platforms/ray_cluster.py)")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    # Ferry's service token (services/common/service_auth.py): the file must be at that path on every node
-    forwarded = {k: os.environ[k] for k in ("FERRY_SERVICE_TOKEN_FILE",) if os.environ.get(k)}
+    # Ferry's service token and TLS folder (services/common/service_auth.py, service_tls.py): the files must
+    # be at those paths on every node
+    forwarded = {k: os.environ[k] for k in ("FERRY_SERVICE_TOKEN_FILE", "FERRY_TLS_DIR") if os.environ.get(k)}
     runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", **forwarded}}
     if address:
         import ray

@@ -13,13 +13,15 @@ from operators.ferry_operator.manifests import RenderOptions, render
 from operators.ferry_operator.names import ClusterRef
 from operators.ferry_operator.spec import parse_spec
 from services.common.service_auth import TOKEN_FILE_ENV
+from services.common.service_tls import SERVER_NAME, TLS_DIR_ENV
 from tests.deploy.chart import NAMESPACE, RELEASE, one, pod_specs
 from tests.deploy.chart import render as helm_render
 from tests.docker.test_dockerfiles import DOCKERFILES, ignore_patterns, is_ignored, parse
 
 AUTH = ("--set", "serviceAuth.enabled=true")
 KEYS = ("--set", "gateway.apiKeys.existingSecret=gateway-keys")
-CONFIGS = {"default": (), "service-auth": AUTH, "api-keys": KEYS, "all-namespaces":
+TLS = ("--set", "serviceTLS.enabled=true")
+CONFIGS = {"default": (), "service-auth": AUTH, "api-keys": KEYS, "service-tls": (*TLS, *AUTH), "all-namespaces":
            ("--set", "operator.watchAllNamespaces=true", *AUTH), "sim-cpu":
            ("--set", "cluster.model.engine=sim", "--set", "cluster.model.device=cpu", *AUTH, *KEYS)}
 
@@ -85,8 +87,9 @@ def test_service_auth_off_by_default():
     objects = helm_render()
     assert not [o for o in objects if o["kind"] == "Secret"]
     assert "serviceAuth" not in one(objects, "InferenceCluster")["spec"]
+    assert "serviceTLS" not in one(objects, "InferenceCluster")["spec"]
     for name, pod in every_pod():
-        assert all(TOKEN_FILE_ENV not in _env(c) for c in pod["containers"]), name
+        assert all(TOKEN_FILE_ENV not in _env(c) and TLS_DIR_ENV not in _env(c) for c in pod["containers"]), name
 
 
 def test_service_auth_generates_a_token_secret_that_the_operator_and_every_pod_mount():
@@ -110,6 +113,42 @@ def test_an_existing_token_secret_is_used_and_none_is_generated():
     operator = one(objects, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]
     [volume] = [v for v in operator["volumes"] if v["name"] == "service-token"]
     assert volume["secret"]["secretName"] == "my-token" and volume["secret"]["items"] == [{"key": "t", "path": "token"}]
+
+
+def test_service_tls_generates_a_ca_and_certificate_that_the_operator_and_every_pod_mount():
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    objects = helm_render(*TLS)
+    secret = one(objects, "Secret", f"{RELEASE}-service-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    files = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    ca, cert = (x509.load_pem_x509_certificate(files[k]) for k in ("ca.crt", "tls.crt"))
+    cert.verify_directly_issued_by(ca)
+    assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+        .get_values_for_type(x509.DNSName) == [SERVER_NAME]
+    usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(usages)
+    assert load_pem_private_key(files["tls.key"], None).public_key().public_numbers() == \
+        cert.public_key().public_numbers()
+    assert one(objects, "InferenceCluster")["spec"]["serviceTLS"] == {"secretName": f"{RELEASE}-service-tls"}
+    operator = one(objects, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]
+    assert _env(operator["containers"][0])[TLS_DIR_ENV] == "/etc/ferry/tls"
+    for name, pod in [(f"{RELEASE}-operator", operator), *operator_pods(objects)]:
+        assert _env(pod["containers"][0])[TLS_DIR_ENV] == "/etc/ferry/tls", name
+        [volume] = [v for v in pod["volumes"] if v["name"] == "service-tls"]
+        assert volume["secret"]["secretName"] == f"{RELEASE}-service-tls", name
+        assert sorted(i["path"] for i in volume["secret"]["items"]) == ["ca.crt", "tls.crt", "tls.key"], name
+
+
+def test_an_existing_tls_secret_is_used_and_none_is_generated():
+    objects = helm_render(*TLS, "--set", "serviceTLS.existingSecret=cert-manager-made")
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    assert one(objects, "InferenceCluster")["spec"]["serviceTLS"] == {"secretName": "cert-manager-made"}
+    for name, pod in every_pod(*TLS, "--set", "serviceTLS.existingSecret=cert-manager-made"):
+        if name != f"{RELEASE}-redis":
+            assert any(v.get("secret", {}).get("secretName") == "cert-manager-made" for v in pod["volumes"]), name
 
 
 def test_the_gateway_api_keys_come_from_a_secret():

@@ -1,8 +1,8 @@
 """End to end on Kubernetes: `helm install` the chart, the operator creates the workloads, the pods
 serve a real model, scale-down drains first, and a spot-termination taint drains that node's workers.
-The release runs locked down as production would: service auth on (the chart's token Secret, mounted
-into the operator and every pod) and API keys at the gateway (a Secret made first), with the keys' rate
-limits counted in the scheduler's Redis.
+The release runs locked down as production would: mutual TLS and service auth on (the chart's CA,
+certificate and token Secrets, mounted into the operator and every pod) and API keys at the gateway (a
+Secret made first), with the keys' rate limits counted in the scheduler's Redis.
 
 Runs unchanged on the local control plane with the test kubelet (tests/kube) and on a kind cluster
 (`make e2e-kind`): everything goes through `kube_cluster`'s interface.
@@ -22,6 +22,7 @@ import grpc
 import pytest
 import yaml
 
+from services.common import service_tls
 from services.gateway.api_keys import hash_key, new_key
 from services.gen.ferry.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.procs import eventually
@@ -54,7 +55,8 @@ def cpu_values(cluster) -> dict:
     small = {"resources": {"requests": {"cpu": "100m", "memory": "256Mi"}}}
     worker = {**small, "kvCacheMemoryGiB": 0.25, "maxNumSeqs": 16}
     return merge(cluster.helm_values(), {
-        "serviceAuth": {"enabled": True}, "gateway": {"apiKeys": {"existingSecret": KEYS_SECRET}},
+        "serviceAuth": {"enabled": True}, "serviceTLS": {"enabled": True},
+        "gateway": {"apiKeys": {"existingSecret": KEYS_SECRET}},
         "cluster": {
             "model": {"name": MODEL, "path": str(ROOT / "models" / MODEL), "engine": "llm", "device": "cpu",
                       "dtype": "float32"},
@@ -72,6 +74,12 @@ class Release:
         """The token the chart made for the release's gRPC calls (Secret <release>-service-token)."""
         data = self.get("secret", f"{RELEASE}-service-token")["data"]
         return base64.b64decode(data["token"]).decode()
+
+    def grpc_channel(self, address: str) -> grpc.Channel:
+        """A channel with the release's certificate (Secret <release>-service-tls), as its pods have."""
+        files = {k: base64.b64decode(v) for k, v in self.get("secret", f"{RELEASE}-service-tls")["data"].items()}
+        credentials = grpc.ssl_channel_credentials(files["ca.crt"], files["tls.key"], files["tls.crt"])
+        return grpc.secure_channel(address, credentials, options=service_tls.CHANNEL_OPTIONS)
 
     def get(self, kind: str, name: str) -> dict:
         return json.loads(self.cluster.kubectl("get", kind, name, "-n", self.namespace, "-o", "json").stdout)
@@ -133,7 +141,7 @@ def scheduler_metric(rel: Release, name: str, labels: str = "") -> float:
 
 def scheduler_instances(rel: Release) -> dict[str, scheduler_pb2.InstanceStatus]:
     with rel.cluster.service_address(rel.namespace, f"{RELEASE}-scheduler", 50050) as addr, \
-            grpc.insecure_channel(addr) as channel:
+            rel.grpc_channel(addr) as channel:
         reply = scheduler_pb2_grpc.SchedulerStub(channel).ListInstances(
             scheduler_pb2.ListInstancesRequest(), timeout=10,
             metadata=(("authorization", f"Bearer {rel.service_token}"),))
@@ -153,13 +161,18 @@ def test_e2e_helm_install_serves_a_chat_completion(release):
     assert ready.get("Ready") == "True", ic["status"]
 
 
-def test_e2e_outsiders_get_nothing_without_the_service_token_or_an_api_key(release):
-    """gRPC without the chart's token is refused before any servicer runs; HTTP without a key gets 401.
-    With them everything works: the pods' own calls to each other carry the token."""
-    with release.cluster.service_address(release.namespace, f"{RELEASE}-scheduler", 50050) as addr, \
-            grpc.insecure_channel(addr) as channel, pytest.raises(grpc.RpcError) as refused:
-        scheduler_pb2_grpc.SchedulerStub(channel).ListInstances(scheduler_pb2.ListInstancesRequest(), timeout=10)
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+def test_e2e_outsiders_get_nothing_without_the_certificate_the_token_or_an_api_key(release):
+    """Plaintext gRPC fails the TLS handshake; TLS with the chart's certificate but without its token is
+    refused before any servicer runs; HTTP without a key gets 401. With them everything works: the pods'
+    own calls to each other are TLS with the token."""
+    def list_instances(channel: grpc.Channel) -> grpc.StatusCode:
+        with channel, pytest.raises(grpc.RpcError) as refused:
+            scheduler_pb2_grpc.SchedulerStub(channel).ListInstances(scheduler_pb2.ListInstancesRequest(), timeout=10)
+        return refused.value.code()
+
+    with release.cluster.service_address(release.namespace, f"{RELEASE}-scheduler", 50050) as addr:
+        assert list_instances(grpc.insecure_channel(addr)) == grpc.StatusCode.UNAVAILABLE
+        assert list_instances(release.grpc_channel(addr)) == grpc.StatusCode.UNAUTHENTICATED
     assert len(scheduler_instances(release)) == 3                   # with the token: prefill + 2 decode
     with release.cluster.service_address(release.namespace, f"{RELEASE}-gateway", 8000) as gateway:
         with pytest.raises(urllib.error.HTTPError) as anonymous:

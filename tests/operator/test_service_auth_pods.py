@@ -8,6 +8,7 @@ from operators.ferry_operator.manifests import RenderOptions, key_of, render
 from operators.ferry_operator.names import ClusterRef
 from operators.ferry_operator.spec import SecretFileSpec, parse_spec
 from services.common.service_auth import TOKEN_FILE_ENV
+from services.common.service_tls import FILES, TLS_DIR_ENV
 
 REF = ClusterRef("demo", "serving", "uid-7")
 MODEL = {"name": "llama", "volume": {"persistentVolumeClaim": {"claimName": "m"}}}
@@ -52,6 +53,16 @@ def test_the_gateway_alone_gets_the_api_keys_file():
         assert volume(pod, "service-token") is None           # independent of serviceAuth
 
 
+def test_every_pod_mounts_the_tls_secret_read_only_and_points_the_env_var_at_it():
+    for component, pod in pods({"serviceTLS": {"secretName": "ferry-tls"}}).items():
+        [c] = pod["containers"]
+        assert {e["name"]: e.get("value") for e in c["env"]}[TLS_DIR_ENV] == "/etc/ferry/tls", component
+        assert {"name": "service-tls", "mountPath": "/etc/ferry/tls", "readOnly": True} in c["volumeMounts"]
+        assert volume(pod, "service-tls") == {"name": "service-tls", "secret": {
+            "secretName": "ferry-tls", "defaultMode": 0o440,
+            "items": [{"key": name, "path": name} for name in FILES]}}, component
+
+
 def config(spec: dict) -> dict[str, str]:
     return rendered(spec)[("ConfigMap", "demo-config")]["data"]
 
@@ -65,7 +76,7 @@ def test_gateway_replicas_count_rate_limits_in_the_schedulers_redis():
 
 def test_without_them_the_pods_are_what_they_were():
     plain = pods({})
-    assert pods({"serviceAuth": {"secretName": ""}, "gateway": {"apiKeys": {}}}) == plain
+    assert pods({"serviceAuth": {"secretName": ""}, "serviceTLS": {}, "gateway": {"apiKeys": {}}}) == plain
     for pod in plain.values():
         [c] = pod["containers"]
         assert TOKEN_FILE_ENV not in {e["name"] for e in c["env"]}

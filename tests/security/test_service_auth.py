@@ -10,7 +10,8 @@ import pytest
 
 from services.common import grpc_util, service_auth
 from services.common.settings import parse_settings
-from services.platforms.local import build_parser, configure_service_auth
+from services.platforms.local import build_parser
+from services.platforms.stack_auth import configure
 
 TOKEN = "s3cret-token_value"
 KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
@@ -196,7 +197,7 @@ def test_a_service_with_a_bad_token_file_does_not_start(monkeypatch, tmp_path):
 
 def test_ferry_up_service_auth_makes_a_private_token_in_the_log_dir(monkeypatch, tmp_path):
     monkeypatch.setenv(service_auth.TOKEN_FILE_ENV, "")  # restored after the test
-    configure_service_auth(build_parser().parse_args(["--service-auth"]), tmp_path)
+    configure(build_parser().parse_args(["--service-auth"]), tmp_path)
     path = tmp_path / "service-token"
     assert os.environ[service_auth.TOKEN_FILE_ENV] == str(path.resolve())
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -205,5 +206,5 @@ def test_ferry_up_service_auth_makes_a_private_token_in_the_log_dir(monkeypatch,
 
 def test_ferry_up_is_unchanged_without_the_flags(monkeypatch, tmp_path):
     monkeypatch.setenv(service_auth.TOKEN_FILE_ENV, "")  # restored after the test
-    configure_service_auth(build_parser().parse_args([]), tmp_path)
+    configure(build_parser().parse_args([]), tmp_path)
     assert not os.environ[service_auth.TOKEN_FILE_ENV] and not (tmp_path / "service-token").exists()

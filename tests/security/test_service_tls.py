@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from cryptography import x509
 from services.common import grpc_util, service_tls
 from services.common.settings import parse_settings
 from services.kvstore.main import KVStoreSettings
+from services.platforms.local import build_parser
+from services.platforms.stack_auth import admin_env, configure
 from tests.procs import ROOT
 from tests.security.test_service_auth import _echo_handlers
 
@@ -125,3 +128,24 @@ def test_admin_tls_create_writes_a_folder_and_refuses_to_overwrite(tmp_path):
     again = admin(str(tmp_path / "certs"))
     assert again.returncode == 2 and "already holds certificates" in again.stderr
     assert admin(str(tmp_path / "other"), "--days", "0").returncode == 2
+
+
+def test_ferry_up_service_tls_makes_a_ca_and_certificate_in_the_log_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv(service_tls.TLS_DIR_ENV, "")         # restored after the test
+    assert configure(build_parser().parse_args(["--service-tls"]), tmp_path) is None   # nothing temporary
+    assert os.environ[service_tls.TLS_DIR_ENV] == str((tmp_path / "tls").resolve())
+    assert stat.S_IMODE((tmp_path / "tls" / "tls.key").stat().st_mode) == 0o600
+    first = (tmp_path / "tls" / "ca.crt").read_bytes()
+    configure(build_parser().parse_args(["--service-tls"]), tmp_path)       # the log dir again: new ones
+    assert (tmp_path / "tls" / "ca.crt").read_bytes() != first
+    assert service_tls.TLS_DIR_ENV in admin_env()
+
+
+def test_ferry_up_without_a_log_dir_keeps_generated_secrets_in_one_temp_folder(monkeypatch):
+    monkeypatch.setenv(service_tls.TLS_DIR_ENV, "")
+    monkeypatch.setenv("FERRY_SERVICE_TOKEN_FILE", "")
+    made = configure(build_parser().parse_args(["--platform", "ray", "--service-tls", "--service-auth"]), None)
+    try:
+        assert sorted(p.name for p in made.iterdir()) == ["service-token", "tls"]
+    finally:
+        shutil.rmtree(made)

@@ -122,3 +122,10 @@ namespace="{{ .Release.Namespace }}",ferry_cluster="{{ include "ferry.clusterNam
 {{- define "ferry.serviceTokenKey" -}}
 {{- if .Values.serviceAuth.existingSecret }}{{ default "token" .Values.serviceAuth.secretKey }}{{ else }}token{{ end }}
 {{- end }}
+
+{{/* The Secret of mutual TLS between Ferry processes ("" when serviceTLS is off). */}}
+{{- define "ferry.serviceTLSSecret" -}}
+{{- if .Values.serviceTLS.enabled }}
+{{- default (printf "%s-service-tls" (include "ferry.fullname" .)) .Values.serviceTLS.existingSecret }}
+{{- end }}
+{{- end }}
