@@ -140,7 +140,10 @@ class FerryService:
             raise RuntimeError(f"{self.instance_id} does not accept connections at {self.listen_address}")
 
     async def __del__(self) -> None:
-        if self.spec.is_worker and "scheduler" in self.addresses and not await asyncio.to_thread(app_deleting):
+        # A dead worker has nothing to drain: the gateways resume its requests elsewhere (WorkerWatch)
+        alive = self.proc.poll() is None
+        if alive and self.spec.is_worker and "scheduler" in self.addresses and \
+                not await asyncio.to_thread(app_deleting):
             await asyncio.to_thread(self.drain)
         await asyncio.to_thread(self.stop_process)
 

@@ -26,7 +26,7 @@ import grpc
 
 from services.common import grpc_util
 from services.gen.ferry.v1 import scheduler_pb2, scheduler_pb2_grpc
-from services.platforms import ray_cluster
+from services.platforms import ray_cluster, stack_auth
 from services.platforms.ray_app import ControlPlane, build, pools
 from services.platforms.ray_registry import gone_instances, live_instances, serve_deployments
 from services.platforms.ray_service import APP, free_port
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
               f"  curl {url}/v1/completions -H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"model\": \"{min(names)}\", \"prompt\": \"The capital of France is\", "
               f"\"max_tokens\": 16}}'\n\n"
-              f"  ferry admin --scheduler {plane.scheduler_address} instances\n\n"
+              f"  {stack_auth.admin_env()}ferry admin --scheduler {plane.scheduler_address} instances\n\n"
               f"  {ray_cluster.client_env(cluster)} ray status\n\n"
               "Press Ctrl-C to stop.", flush=True)
         sync = RegistrySync(plane.scheduler_address, [p.name for p in pools(args)])

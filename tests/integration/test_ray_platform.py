@@ -5,7 +5,9 @@ beside one real-model prefill/decode pair; requests through the gateway with the
 decode pool scaled 1 -> 2 by a load step and back to 1 when it falls, with streams in flight that all
 complete (the replica Ray stops is drained first); a worker process killed -9 and its replica replaced
 by Serve (and dropped from the scheduler's registry); Ray's closed-network settings (token auth,
-loopback, no usage reporting); and nothing left behind after Ctrl-C: no process, no temp file.
+loopback, no usage reporting); Ferry's own service token and mutual TLS reaching every replica through
+Ray's runtime env (a plaintext client gets nothing); and nothing left behind after Ctrl-C: no process,
+no temp file.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import grpc
 import openai
 import pytest
 
+from services.common import grpc_util
 from services.gen.ferry.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.integration.stack import MODEL
 from tests.integration.streams import Load
@@ -34,7 +37,7 @@ HIGH, LOW = 24, 4           # streams in each phase
 
 
 def instances(scheduler: str) -> list[scheduler_pb2.InstanceStatus]:
-    with grpc.insecure_channel(scheduler) as channel:
+    with grpc_util.channel(scheduler) as channel:       # with the stack's token and certificate
         return list(scheduler_pb2_grpc.SchedulerStub(channel).ListInstances(
             scheduler_pb2.ListInstancesRequest(), timeout=5).instances)
 
@@ -71,13 +74,13 @@ def gcs_call(address: str, token: str | None) -> grpc.StatusCode:
             return e.code()
 
 
-def test_ferry_on_a_local_ray_instance_scales_through_the_scheduler_and_leaves_nothing(tmp_path):
+def test_ferry_on_a_local_ray_instance_scales_through_the_scheduler_and_leaves_nothing(tmp_path, monkeypatch):
     profile = tmp_path / "profile.yaml"
     profile.write_text(PROFILE)
     port, scheduler_metrics, out = free_port(), free_port(), tmp_path / "up.out"
     args = [sys.executable, "-m", "services.cli", "up", "--platform", "ray", "--port", str(port),
             "--engine", "sim", "--sim-profile", str(profile), "--sim-num-blocks", "4096",
-            "--served-model-name", SIM_MODEL, "--llm-pair",
+            "--served-model-name", SIM_MODEL, "--llm-pair", "--service-auth", "--service-tls",
             "--autoscale", "--max-prefill", "1", "--max-decode", "2", "--autoscale-interval", "1",
             "--slo-tpot-ms", str(SLO_TPOT_S * 1e3), "--drain-timeout", "30",
             "--scheduler-arg", f"metrics-port={scheduler_metrics}",
@@ -91,6 +94,7 @@ def test_ferry_on_a_local_ray_instance_scales_through_the_scheduler_and_leaves_n
     base_url = f"http://127.0.0.1:{port}/v1"
     load = Load(base_url, SIM_MODEL, SLO_TPOT_S)
     temp_dir: Path | None = None
+    secrets_dir: Path | None = None
 
     def text() -> str:
         return out.read_text(errors="replace")
@@ -107,7 +111,16 @@ def test_ferry_on_a_local_ray_instance_scales_through_the_scheduler_and_leaves_n
                           interval=0.5), text()
         assert proc.poll() is None, text()
         temp_dir = Path(re.search(r"service logs: (/tmp/ferry-ray-\w+)/logs", text()).group(1))
-        scheduler = re.search(r"ferry admin --scheduler (\S+) instances", text()).group(1)
+        admin = re.search(r"FERRY_SERVICE_TOKEN_FILE=(\S+) FERRY_TLS_DIR=(\S+) ferry admin --scheduler (\S+) instances",
+                          text())
+        token, tls, scheduler = admin.groups()
+        secrets_dir = Path(token).parent                       # made for this stack: no --log-dir
+        assert Path(tls).parent == secrets_dir and secrets_dir.name.startswith("ferry-up-")
+        with grpc.insecure_channel(scheduler) as channel, pytest.raises(grpc.RpcError) as plaintext:
+            scheduler_pb2_grpc.SchedulerStub(channel).ListInstances(scheduler_pb2.ListInstancesRequest(), timeout=5)
+        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE     # every replica speaks TLS only
+        monkeypatch.setenv("FERRY_SERVICE_TOKEN_FILE", token)          # this test's own calls: as `ferry admin`
+        monkeypatch.setenv("FERRY_TLS_DIR", tls)
 
         # Ray runs closed: loopback only, a token on every call, no usage reporting
         assert scheduler.startswith("127.0.0.1:")
@@ -163,8 +176,11 @@ def test_ferry_on_a_local_ray_instance_scales_through_the_scheduler_and_leaves_n
         os.kill(int(victim[0]), signal.SIGKILL)
         assert eventually(lambda: (ids := pool(scheduler, "prefill")) and ids[0] != old, timeout=90,
                           interval=0.5), logs()
-        assert old not in {s.instance.instance_id for s in instances(scheduler)}     # a dead worker stays
-        assert f"ray: {old} has no replica any more: deregistered" in text()   # listed unless deregistered
+        # a dead worker stays listed (unhealthy) unless deregistered: the sync does it once Serve has
+        # stopped the old replica, which may be a tick after the new one registered
+        assert eventually(lambda: old not in {s.instance.instance_id for s in instances(scheduler)}, timeout=30,
+                          interval=0.5), logs()
+        assert f"ray: {old} has no replica any more: deregistered" in text()
         again = client.completions.create(model=SIM_MODEL, prompt="hello", max_tokens=8,
                                           extra_body={"ignore_eos": True})
         assert again.usage.completion_tokens == 8
@@ -178,4 +194,4 @@ def test_ferry_on_a_local_ray_instance_scales_through_the_scheduler_and_leaves_n
     assert eventually(lambda: not processes_mentioning(str(temp_dir)), timeout=30), processes_mentioning(str(temp_dir))
     for trace in (f"--port {port}", scheduler):            # the gateway; every service that used the scheduler
         assert not processes_mentioning(trace), processes_mentioning(trace)
-    assert not temp_dir.exists()
+    assert not temp_dir.exists() and not secrets_dir.exists()
