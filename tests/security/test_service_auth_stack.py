@@ -57,6 +57,19 @@ class Cluster:
         for proc in self.procs.values():
             stop(proc)
 
+    def assert_cannot_register(self, env: dict[str, str], addresses) -> None:
+        """A worker started with `env` listens, yet for 3 s is not among `addresses()` (the scheduler's)."""
+        port = free_port()
+        self.start("rogue", self.worker_args(port), env=env)
+        try:
+            wait_for_port(port, self.procs["rogue"], timeout=120)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                assert f"127.0.0.1:{port}" not in addresses()
+                time.sleep(0.3)
+        finally:
+            stop(self.procs.pop("rogue"))
+
     def completion(self) -> openai.types.Completion:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", timeout=60, max_retries=0) \
             .completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0)
@@ -137,16 +150,8 @@ def test_the_worker_refuses_a_client_without_the_token(cluster, token):
 
 
 def test_a_worker_without_the_token_cannot_register(cluster):
-    port = free_port()
-    cluster.start("rogue", cluster.worker_args(port), env={service_auth.TOKEN_FILE_ENV: ""})
-    try:
-        wait_for_port(port, cluster.procs["rogue"], timeout=120)
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            assert f"127.0.0.1:{port}" not in {s.instance.address for s in instances(cluster.scheduler)}
-            time.sleep(0.3)
-    finally:
-        stop(cluster.procs.pop("rogue"))
+    cluster.assert_cannot_register({service_auth.TOKEN_FILE_ENV: ""},
+                                   lambda: {s.instance.address for s in instances(cluster.scheduler)})
 
 
 def test_the_token_is_not_in_any_log(cluster):

@@ -23,15 +23,6 @@ from tests.procs import ROOT
 from tests.security.test_service_auth import _echo_handlers
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    """Two independent CAs, each with its certificate: ("ours", "theirs") folders."""
-    root = tmp_path_factory.mktemp("tls")
-    for name in ("ours", "theirs"):
-        service_tls.create(root / name)
-    return root / "ours", root / "theirs"
-
-
 @pytest.fixture
 async def server(certs, monkeypatch):
     """An echo server from grpc_util with FERRY_TLS_DIR set: its address."""
