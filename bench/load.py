@@ -38,9 +38,11 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))                   # run as a script: `bench` and `services` importable
+
 from bench.serving import MemorySampler, children, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "SmolLM2-135M-Instruct"
 NULL_PROFILE = """\
 name: null
