@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -41,27 +42,32 @@ def configure(args: argparse.Namespace, log_dir: Path | None) -> Path | None:
         made = made or Path(tempfile.mkdtemp(prefix="ferry-up-"))
         return made
 
-    if args.service_token_file is not None:
-        service_auth.use_token_file(args.service_token_file)
-    elif args.service_auth:
-        path = folder() / "service-token"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)                    # also when the file was there with a looser mode
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-        service_auth.use_token_file(path)
-    else:
-        service_auth.configured_token()
-    if args.tls_dir is not None:
-        service_tls.use_folder(args.tls_dir)
-    elif args.service_tls:
-        tls = folder() / "tls"
-        for name in service_tls.FILES:          # a reused log dir: new certificates
-            (tls / name).unlink(missing_ok=True)
-        service_tls.create(tls)
-        service_tls.use_folder(tls)
-    else:
-        service_tls.configured()
+    try:
+        if args.service_token_file is not None:
+            service_auth.use_token_file(args.service_token_file)
+        elif args.service_auth:
+            path = folder() / "service-token"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)                    # also when the file was there with a looser mode
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+            service_auth.use_token_file(path)
+        else:
+            service_auth.configured_token()
+        if args.tls_dir is not None:
+            service_tls.use_folder(args.tls_dir)
+        elif args.service_tls:
+            tls = folder() / "tls"
+            for name in service_tls.FILES:          # a reused log dir: new certificates
+                (tls / name).unlink(missing_ok=True)
+            service_tls.create(tls)
+            service_tls.use_folder(tls)
+        else:
+            service_tls.configured()
+    except BaseException:
+        if made is not None:                    # nothing half-made stays behind
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     return made
 
 

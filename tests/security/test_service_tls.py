@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 
 import grpc
 import pytest
@@ -140,3 +141,17 @@ def test_ferry_up_without_a_log_dir_keeps_generated_secrets_in_one_temp_folder(m
         assert sorted(p.name for p in made.iterdir()) == ["service-token", "tls"]
     finally:
         shutil.rmtree(made)
+
+
+def test_ferry_up_removes_what_it_made_when_a_later_setting_is_unusable(monkeypatch, tmp_path):
+    monkeypatch.setenv("FERRY_SERVICE_TOKEN_FILE", "")
+    monkeypatch.setenv(service_tls.TLS_DIR_ENV, "")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None                                  # re-read TMPDIR
+    try:
+        with pytest.raises(ValueError, match="cannot read ca.crt"):
+            configure(build_parser().parse_args(["--platform", "ray", "--service-auth",
+                                                 "--tls-dir", str(tmp_path / "missing")]), None)
+    finally:
+        tempfile.tempdir = None
+    assert list(tmp_path.iterdir()) == []                    # the token's temp folder went too
