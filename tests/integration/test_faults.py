@@ -305,11 +305,14 @@ def test_prefill_worker_kill_9_mid_traffic_requests_go_to_the_other(tmp_path, sm
         victim = f"127.0.0.1:{flag(stack.procs['prefill'], '--port')}"
         kill_9(stack, "prefill")
         num_before = traffic.num_done()
-        assert eventually(lambda: victim not in healthy(stack, common_pb2.ROLE_PREFILL), timeout=30, interval=0.2)
-        assert eventually(lambda: traffic.num_done() >= num_before + 16, timeout=120, interval=0.2)
+        # one failure in ~12 runs was seen (2026-12-02, cause not captured): every step reports the logs
+        assert eventually(lambda: victim not in healthy(stack, common_pb2.ROLE_PREFILL), timeout=30,
+                          interval=0.2), stack.tails(60)
+        assert eventually(lambda: traffic.num_done() >= num_before + 16, timeout=120, interval=0.2), \
+            stack.tails(60)
         results = traffic.stop()
-        assert [r for r in results if r[2]] == [], "a request failed"
-        assert len(healthy(stack, common_pb2.ROLE_PREFILL)) == 1
+        assert [r for r in results if r[2]] == [], f"a request failed\n{stack.tails(60)}"
+        assert len(healthy(stack, common_pb2.ROLE_PREFILL)) == 1, stack.tails(60)
     finally:
         stack.stop()
 
