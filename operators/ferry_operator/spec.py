@@ -190,10 +190,15 @@ class _Fields:
         return tuple(value)
 
 
-def _secret_file(f: _Fields, default_key: str) -> SecretFileSpec:
-    name, key = f.text("secretName", ""), f.text("secretKey", default_key) or default_key
+def _secret_name(f: _Fields) -> str:
+    name = f.text("secretName", "")
     if name and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name):
         raise ValueError(f"{f.path}.secretName {name!r}: name a Secret (a DNS subdomain: lowercase, digits, '-', '.')")
+    return name
+
+
+def _secret_file(f: _Fields, default_key: str) -> SecretFileSpec:
+    name, key = _secret_name(f), f.text("secretKey", default_key) or default_key
     if not re.fullmatch(r"[-._a-zA-Z0-9]+", key):
         raise ValueError(f"{f.path}.secretKey {key!r}: a Secret key is letters, digits, '-', '_' and '.'")
     return SecretFileSpec(secret_name=name, secret_key=key)
@@ -298,4 +303,4 @@ def _cluster(f: _Fields, gateway: _Fields, kvstore: _Fields, pools: _Fields) -> 
         drain_timeout_s=f.obj("drain").number("timeoutSeconds", 300, low=1, integer=True),
         power_budget_watts=f.obj("power").number("budgetWatts", 0.0, low=0) or 0.0,
         service_auth=_secret_file(f.obj("serviceAuth"), "token"),
-        service_tls_secret=_secret_file(f.obj("serviceTLS"), "tls.crt").secret_name)
+        service_tls_secret=_secret_name(f.obj("serviceTLS")))

@@ -51,6 +51,14 @@ def read_token(path: str | os.PathLike) -> str:
     return token
 
 
+def write_secret_file(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` readable by its owner alone (mode 0600, also when the file was there)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def configured_token() -> str | None:
     """The token of FERRY_SERVICE_TOKEN_FILE, or None when authentication is off (the variable unset or empty)."""
     path = os.environ.get(TOKEN_FILE_ENV, "")

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import grpc
 
+from services.common import service_auth
+
 TLS_DIR_ENV = "FERRY_TLS_DIR"
 SERVER_NAME = "ferry"                   # the DNS name (SAN) every certificate carries and every channel asks for
 FILES = ("ca.crt", "tls.crt", "tls.key")
@@ -116,10 +118,8 @@ def create(folder: Path, days: int = 365) -> None:
     pem = serialization.Encoding.PEM
     (folder / "ca.crt").write_bytes(ca.public_bytes(pem))
     (folder / "tls.crt").write_bytes(cert.public_bytes(pem))
-    fd = os.open(folder / "tls.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    service_auth.write_secret_file(folder / "tls.key", key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
 
 def main(argv: list[str] | None = None) -> int:

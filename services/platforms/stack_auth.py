@@ -47,10 +47,7 @@ def configure(args: argparse.Namespace, log_dir: Path | None) -> Path | None:
             service_auth.use_token_file(args.service_token_file)
         elif args.service_auth:
             path = folder() / "service-token"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.fchmod(fd, 0o600)                    # also when the file was there with a looser mode
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32) + "\n")
+            service_auth.write_secret_file(path, (secrets.token_urlsafe(32) + "\n").encode())
             service_auth.use_token_file(path)
         else:
             service_auth.configured_token()
