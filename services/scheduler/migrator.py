@@ -4,6 +4,8 @@
                      plan_migrations (pure), on one ledger ─▶ Worker.Migrate on each source, concurrently
                      drain(instance): mark it draining here and on the worker; the next rounds move
                      its requests away (the drain policy comes first in every round)
+                     preempt(notice): the evacuator takes the notice, then drain (its requests are
+                     then planned just in time, not drained)
 
 A request is in flight from the decision until the source answers, and then cools down for
 `cooldown_s` (its new place reports it as a fresh arrival, and last-come-first must not bounce it
@@ -26,7 +28,7 @@ from services.scheduler.evacuator import Evacuator
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.policies.migration import MigrationConfig, plan_migrations
 from services.scheduler.policies.migration_ledger import RoundLedger
-from services.scheduler.policies.preemption import PreemptionConfig
+from services.scheduler.policies.preemption import PreemptionConfig, PreemptionNotice
 from services.scheduler.registry import Registry
 
 log = logging.getLogger("ferry.scheduler.migrator")
@@ -94,6 +96,15 @@ class Migrator:
         log.info("%s %s (%d requests)", "undraining" if cancel else "draining", instance_id,
                  len(state.load.requests))
         return len(state.load.requests)
+
+    async def preempt(self, notice: PreemptionNotice) -> int:
+        """`drain` for a preemption: the evacuator has the notice before the instance is marked draining
+        (with no await between), or a round in between would move all its requests at once as a plain
+        drain instead of just in time. KeyError when the instance is unknown (no notice is kept)."""
+        if self.registry.get(notice.instance_id) is None:
+            raise KeyError(notice.instance_id)
+        self.evacuator.notify(notice)
+        return await self.drain(notice.instance_id)
 
     async def _execute(self, m: Migration) -> None:
         source, destination = self.registry.get(m.source_id), self.registry.get(m.destination_id)

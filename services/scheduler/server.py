@@ -93,21 +93,25 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             self.metrics.route_duration.observe(time.perf_counter() - started)
 
     async def DrainInstance(self, request, context):
+        if request.cancel:
+            self._forget_notice(request.instance_id)
+        return await self._drain(request.instance_id, context, lambda m: m.drain(request.instance_id, request.cancel))
+
+    async def _drain(self, instance_id: str, context, drain) -> scheduler_pb2.DrainInstanceReply:
+        """`drain(migrator)` marks the instance (and returns its number of requests); the mark is saved."""
         if self.migrator is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "live migration is off on this scheduler (--migration-interval-s 0)")
         try:
-            num = await self.migrator.drain(request.instance_id, cancel=request.cancel)
+            num = await drain(self.migrator)
         except KeyError:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no instance {request.instance_id!r} is registered")
-        if request.cancel:
-            self._forget_notice(request.instance_id)
-        await self._save(request.instance_id)
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no instance {instance_id!r} is registered")
+        await self._save(instance_id)
         return scheduler_pb2.DrainInstanceReply(num_requests=num)
 
     async def NotifyPreemption(self, request, context):
-        """A spot termination: the instance is drained at once (no new requests) and its notice goes to
-        the evacuator, which plans each of its requests against the deadline every migration round."""
+        """A spot termination: its notice goes to the evacuator, which plans each of its requests against
+        the deadline every migration round, and the instance is drained at once (no new requests)."""
         if not request.instance_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "instance_id is empty: name the instance to preempt")
         if not math.isfinite(request.deadline_unix_s) or request.deadline_unix_s < 0:
@@ -116,9 +120,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         source = request.source or "unknown"
         now = self.clock()
         deadline = request.deadline_unix_s or now + self.preemption_grace_s
-        reply = await self.DrainInstance(scheduler_pb2.DrainInstanceRequest(instance_id=request.instance_id), context)
+        notice = PreemptionNotice(request.instance_id, deadline, source)
+        reply = await self._drain(request.instance_id, context, lambda m: m.preempt(notice))
         self.metrics.preemption_notices.labels(source=source.split(":", 1)[0]).inc()
-        self.migrator.evacuator.notify(PreemptionNotice(request.instance_id, deadline, source))
         log.warning("preemption notice for %s from %s: deadline in %.0f s, %d requests to place",
                     request.instance_id, source, deadline - now, reply.num_requests)
         return reply

@@ -3,6 +3,10 @@ heartbeats, runs the planner before the other migration policies, judges each de
 the replacements a platform should start, and the scheduler's NotifyPreemption feeds it."""
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from services.common.cluster import (
     ClusterSnapshot,
     InstanceSpec,
@@ -73,9 +77,9 @@ def test_the_short_request_finishes_in_place_the_long_one_migrates_and_the_deadl
     registry = registry_with_spot(clock)
     evacuator = Evacuator(PreemptionConfig(safety_margin_s=3.0), metrics, clock=clock)
     migrator = Migrator(registry, MigrationConfig(), metrics, interval_s=0.5, clock=clock, evacuator=evacuator)
-    registry.mark_draining("spot")
     migrator.plan()                                               # the rate's first observation
     evacuator.notify(PreemptionNotice("spot", clock() + 30.0, "admin"))
+    registry.mark_draining("spot")
     beat(registry, clock, 0.5, 10)                                # 0.05 s per token
     moves = migrator.plan()
     assert [(m.request_id, m.destination_id, m.reason) for m in moves] == \
@@ -97,12 +101,28 @@ def test_the_short_request_finishes_in_place_the_long_one_migrates_and_the_deadl
     assert evacuator.notices == {} and sample(metrics, "ferry_scheduler_preempting_instances") == 0
 
 
+async def test_a_round_during_the_workers_drain_call_plans_the_noticed_instance_just_in_time():
+    """The notice reaches the evacuator before the instance is marked draining: a round that runs while
+    the worker's Drain call is out must not move its requests as a plain drain (all at once)."""
+    clock, metrics = Clock(), SchedulerMetrics()
+    registry = registry_with_spot(clock)
+    migrator = Migrator(registry, MigrationConfig(), metrics, interval_s=0.5, clock=clock)
+    preempting = asyncio.create_task(migrator.preempt(PreemptionNotice("spot", clock() + 30.0)))
+    await asyncio.sleep(0)                                        # it awaits the worker's Drain now
+    assert registry.get("spot").load.draining and not preempting.done()
+    assert {m.reason for m in migrator.plan()} == {MigrationReason.PREEMPTION}
+    assert await preempting == 2
+    with pytest.raises(KeyError):
+        await migrator.preempt(PreemptionNotice("nobody", clock() + 30.0))
+    assert set(migrator.evacuator.notices) == {"spot"}            # none kept for an unknown instance
+
+
 def test_without_a_measured_rate_every_decoding_request_migrates():
     clock, metrics = Clock(), SchedulerMetrics()
     registry = registry_with_spot(clock)
     migrator = Migrator(registry, MigrationConfig(), metrics, interval_s=0.5, clock=clock)
-    registry.mark_draining("spot")
     migrator.evacuator.notify(PreemptionNotice("spot", clock() + 30.0))
+    registry.mark_draining("spot")
     moves = migrator.plan()
     assert sorted((m.request_id, m.reason) for m in moves) == \
         [("long", MigrationReason.PREEMPTION), ("short", MigrationReason.PREEMPTION)]
