@@ -31,6 +31,7 @@ class Load:
     model: str
     slo_tpot_s: float
     max_tokens: int = 100
+    prompt: str = PROMPT
     done: list[Done] = field(default_factory=list)
     streams: list[threading.Event] = field(default_factory=list)     # the running streams' stop flags
     threads: list[threading.Thread] = field(default_factory=list)    # every stream ever started
@@ -63,7 +64,7 @@ class Load:
             stamps: list[float] = []
             finish = None
             try:
-                for chunk in client.completions.create(model=self.model, prompt=PROMPT, max_tokens=self.max_tokens,
+                for chunk in client.completions.create(model=self.model, prompt=self.prompt, max_tokens=self.max_tokens,
                                                        stream=True, extra_body={"ignore_eos": True}):
                     if chunk.choices and chunk.choices[0].text:
                         stamps.append(time.monotonic())

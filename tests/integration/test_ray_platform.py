@@ -34,6 +34,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
 
 SIM_MODEL = "smollm2-sim"
 HIGH, LOW = 24, 4           # streams in each phase
+LONG, MAX_LONG = 600, 6     # streams still decoding when Ray stops a replica (~30 s; a short prompt, so
+                            # their KV costs the sim's steps little); at most this many are placed
 
 
 def instances(scheduler: str) -> list[scheduler_pb2.InstanceStatus]:
@@ -46,6 +48,12 @@ def pool(scheduler: str, name: str) -> list[str]:
     """Instance ids of a Ray pool deployment's workers (`decode.<replica>`), healthy and not draining."""
     return sorted(s.instance.instance_id for s in instances(scheduler)
                   if s.instance.instance_id.rpartition(".")[0] == name and s.healthy and not s.load.draining)
+
+
+def holding_long(scheduler: str, short: int) -> dict[str, int]:
+    """Sim decode replica -> its requests with more than `short` tokens still to generate."""
+    return {s.instance.instance_id: sum(r.max_tokens > short for r in s.load.requests)
+            for s in instances(scheduler) if s.instance.instance_id.rpartition(".")[0] == "decode"}
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -86,13 +94,15 @@ def test_ferry_on_a_local_ray_instance_scales_through_the_scheduler_and_leaves_n
             "--scheduler-arg", f"metrics-port={scheduler_metrics}",
             "--scheduler-arg", "autoscale-window-s=6",
             "--scheduler-arg", "autoscale-scale-up-after-s=2",
-            "--scheduler-arg", "autoscale-scale-down-after-s=5"]
+            "--scheduler-arg", "autoscale-scale-down-after-s=5",
+            "--scheduler-arg", "migration-policies=drain"]     # streams move only when a replica stops
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     with open(out, "wb") as f:
         proc = subprocess.Popen(args, cwd=ROOT, env={**env, "HF_HUB_OFFLINE": "1"}, stdout=f,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}/v1"
     load = Load(base_url, SIM_MODEL, SLO_TPOT_S)
+    long = Load(base_url, SIM_MODEL, SLO_TPOT_S, max_tokens=LONG, prompt="hello")
     temp_dir: Path | None = None
     secrets_dir: Path | None = None
 
@@ -153,7 +163,18 @@ def test_ferry_on_a_local_ray_instance_scales_through_the_scheduler_and_leaves_n
         assert len(pool(scheduler, "decode-llm")) == 1           # the other model's pool is not sized
         time.sleep(5)
 
-        # Load falls: back to one replica; the one Ray stops is drained first, its streams move on
+        # Load falls: back to one replica; the one Ray stops is drained first, its streams move on.
+        # First long streams are placed until each replica holds one, so whichever replica Ray stops
+        # holds a stream that is still decoding then (a short one may end during its move). The closed
+        # loop's streams start in waves, so which replica is freer changes by the second: one placement
+        # a second samples both.
+        while min(holding_long(scheduler, load.max_tokens).values()) == 0 and len(long.threads) < MAX_LONG:
+            long.add(1)
+            assert eventually(lambda: sum(holding_long(scheduler, load.max_tokens).values()) >= len(long.threads),
+                              timeout=20, interval=0.2), logs()
+            time.sleep(1)
+        placed = holding_long(scheduler, load.max_tokens)
+        assert min(placed.values()) >= 1, placed
         load.remove(HIGH - LOW)
         assert eventually(lambda: len(pool(scheduler, "decode")) == 1 and not any(
             s.instance.instance_id.startswith("decode.") and s.load.draining for s in instances(scheduler)),
@@ -161,12 +182,14 @@ def test_ferry_on_a_local_ray_instance_scales_through_the_scheduler_and_leaves_n
         assert eventually(lambda: "ray: decode 2 -> 1 replicas running" in text(), timeout=30), logs()
         moved = metric(scheduler_metrics, "ferry_scheduler_migrations_total", reason="drain", outcome="migrated")
         assert moved and moved >= 1, logs()                      # streams were in flight on the stopped one
+        print(f"\nray: long streams placed {placed}; {moved:.0f} stream(s) moved by the drain")
         last = time.monotonic()
         assert eventually(lambda: len(load.between(last, time.monotonic())) >= LOW, timeout=60), logs()
         load.join(timeout=60)
-        failed = [d.error for d in load.done if d.tpot_s is None]
+        long.join(timeout=60)                                    # the moved streams end in full
+        failed = [d.error for d in load.done + long.done if d.tpot_s is None]
         assert not failed, failed[:5]
-        assert len(load.done) >= 2 * HIGH, len(load.done)
+        assert len(load.done) >= 2 * HIGH and len(long.done) >= len(long.threads), (len(load.done), len(long.done))
 
         # A worker dies (kill -9): Serve's health check fails, it replaces the replica, and the
         # scheduler's registry follows Ray's view
@@ -186,6 +209,7 @@ def test_ferry_on_a_local_ray_instance_scales_through_the_scheduler_and_leaves_n
         assert again.usage.completion_tokens == 8
     finally:
         load.join(timeout=30)
+        long.join(timeout=30)
         interrupt(proc, timeout=120)
     assert proc.returncode == 0, text()
 
