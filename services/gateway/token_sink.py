@@ -114,7 +114,9 @@ class OutputStream:
         self._queue.put_nowait(delta)
 
     async def next(self, timeout: float) -> TokenDelta:
-        return await asyncio.wait_for(self._queue.get(), timeout)
+        # Not asyncio.wait_for: on Python 3.11 it swallows a cancel that arrives with a token.
+        async with asyncio.timeout(timeout):
+            return await self._queue.get()
 
 
 MAX_TOLD = 65536       # unknown request ids remembered, so that each is reported once

@@ -141,7 +141,8 @@ async def migrate(loop, stub: worker_pb2_grpc.WorkerStub, request: worker_pb2.Mi
 
 async def _send(progress: Progress, payload: KVPayload, stages: StageQueue, acks, timeout: float) -> None:
     stages.put(payload)
-    ack = await asyncio.wait_for(acks.__anext__(), timeout)
+    async with asyncio.timeout(timeout):        # not wait_for: on 3.11 it can swallow a cancel
+        ack = await acks.__anext__()
     progress.sent_blocks += payload.num_blocks
     progress.num_bytes += len(payload.data)
     if ack.num_blocks != progress.sent_blocks:

@@ -495,7 +495,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             started = time.perf_counter()
             writes = asyncio.gather(*(self._store(c.keys, c.data) for c in checkpoints.values() if c.keys))
             try:
-                await asyncio.wait_for(writes, checkpoint_timeout_s)
+                async with asyncio.timeout(checkpoint_timeout_s):     # not wait_for (see token_sink.next)
+                    await writes
                 log.info("checkpointed %d requests (%d KV blocks) to the kvstore in %.0f ms", len(checkpoints),
                          sum(c.num_blocks for c in checkpoints.values()), (time.perf_counter() - started) * 1e3)
             except TimeoutError:

@@ -116,3 +116,17 @@ async def test_tokens_nobody_waits_for_are_reported_once_per_request_with_their_
 
     await sink.Push(batches(), None)
     assert told == [("w1:1", ["old"]), ("w1:1", ["other"])]
+
+
+async def test_a_cancel_that_comes_with_a_token_cancels_next():
+    """A client that leaves cancels the task reading its stream; a token queued in the same loop turn
+    must not swallow the cancel (asyncio.wait_for does that on Python 3.11: the request then ran on
+    the workers to max_tokens after its non-streaming client had gone)."""
+    stream = OutputStream()
+    reader = asyncio.create_task(stream.next(60))
+    await asyncio.sleep(0)                          # the reader waits on the queue
+    stream.feed(ev(0, 10))
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert tokens(drain(stream)) == [10], "the token stays queued"
