@@ -13,6 +13,7 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.discovery import LazyDiscoverer
 from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 
 from operators.ferry_operator.manifests import ObjectKey
@@ -56,11 +57,20 @@ def deployment_state(dep: Mapping[str, Any]) -> DeploymentState:
     return DeploymentState(replicas=int(spec.get("replicas", 1)), ready_replicas=int(status.get("readyReplicas") or 0))
 
 
+class InMemoryDiscoverer(LazyDiscoverer):
+    """API discovery kept for the process's life only. The stock one writes a cache file to the temp
+    directory for every API server address (`/tmp/osrcp-<md5>.json`), left behind by every test run;
+    a restarted operator discovers again with a few GETs, as client-go's controllers do."""
+
+    def _write_cache(self) -> None:
+        pass
+
+
 class Kube:
     """A DynamicClient and the handful of calls the operator makes."""
 
     def __init__(self, api: client.ApiClient, pdb_api_version: str | None = None, timeout_s: float = 15.0) -> None:
-        self.dyn = DynamicClient(api)
+        self.dyn = DynamicClient(api, discoverer=InMemoryDiscoverer)
         self.timeout = {"_request_timeout": timeout_s}     # every call: a hung connection must not stall a cluster
         self.pdb_api_version = pdb_api_version or self.discover_pdb_api_version()
 
